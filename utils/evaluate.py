@@ -136,15 +136,27 @@ def _check_record(i: int, rec: Any, candidates: set[str]) -> tuple[str | None, l
             problems.append(f"{where}: {key} is {rec[key]} (NaN/inf)")
     if not problems and rec["pred_st"] > rec["pred_ed"]:
         problems.append(f"{where}: pred_st {rec['pred_st']} > pred_ed {rec['pred_ed']}")
-    ranked = rec["ranked_music_ids"]
-    if not isinstance(ranked, (list, tuple)) or not all(isinstance(m, str) for m in ranked):
-        problems.append(f"{where}: ranked_music_ids must be a list of music id strings")
-    elif not candidates.issuperset(ranked):
-        unknown = list(dict.fromkeys(m for m in ranked if m not in candidates))
-        shown = ", ".join(repr(m) for m in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
-        problems.append(f"{where}: ranked_music_ids has {len(unknown)} unknown music id(s) "
-                        f"(not a music_id of the CSV): {shown}")
+    problems += _check_ranking(where, rec["ranked_music_ids"], candidates)
     return vid, problems
+
+
+def _check_ranking(where: str, ranked: Any, candidates: set[str]) -> list[str]:
+    """A ranking must be a list of candidate music ids (strings)."""
+    if not isinstance(ranked, (list, tuple)):
+        return [f"{where}: ranked_music_ids must be a list of music id strings, got {type(ranked).__name__}"]
+    try:
+        # fast path (2000 x 2000 ids on a real split): the candidates are all str, so a superset
+        # also proves every element is a string, without a per-element isinstance loop
+        if candidates.issuperset(ranked):
+            return []
+    except TypeError:  # unhashable element, reported below
+        pass
+    non_str = [m for m in ranked if not isinstance(m, str)]
+    if non_str:
+        return [f"{where}: ranked_music_ids must be a list of music id strings, found {non_str[0]!r}"]
+    unknown = list(dict.fromkeys(m for m in ranked if m not in candidates))
+    shown = ", ".join(repr(m) for m in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+    return [f"{where}: ranked_music_ids has {len(unknown)} unknown music id(s) (not a music_id of the CSV): {shown}"]
 
 
 def _index_predictions(gt_df: pd.DataFrame, preds: Any, source: str) -> dict[str, Mapping[str, Any]]:
