@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from utils.annotations import AnnotationError, load_annotations
-from utils.metrics import (MAX_M_DURATION, METRIC_KEYS, compute_all, format_table, metrics_from_ranks,
+from utils.metrics import (MAX_M_DURATION, compute_all, format_table, metrics_from_ranks,
                            ranked_music_ids, ranks_from_ranked_lists, smg_ious)
 
 BASELINES: tuple[str, ...] = ("start0", "center", "random")
@@ -248,8 +248,9 @@ def load_predictions_json(path: str | os.PathLike) -> Any:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.evaluate",
-                                description="Evaluate MGSV predictions (MsG, SmG, MoR metrics) against an annotation CSV.")
+    p = argparse.ArgumentParser(
+        prog="python -m utils.evaluate",
+        description="Evaluate MGSV predictions (MsG, SmG, MoR metrics) against an annotation CSV.")
     p.add_argument("--gt_csv", required=True, help="annotation CSV of the split (e.g. dataset/MGSV-EC/test_data.csv)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pred_json", help="JSON list of {video_id, ranked_music_ids, pred_st, pred_ed}")
