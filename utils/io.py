@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 import numpy as np
-import torch
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,6 +52,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch  # lazily: command-line tools that only write JSON should not pay torch's import time
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
 
