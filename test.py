@@ -1,0 +1,119 @@
+"""Evaluate MaDe checkpoints on a split: SmG, MsG and MoR metrics of the paper.
+
+    python test.py --load_uni_model_path RUN_DIR --test_best 1 --test_csv dataset/MGSV-EC/test_data.csv
+    python test.py --load_uni_model_path RUN_DIR/pytorch_model.bin.best_r1 --metrics_json out.json
+
+--load_uni_model_path takes a checkpoint file (ours or the authors') or a training
+folder: with --test_best 1 the four best checkpoints found there are evaluated
+(in the original's order), otherwise its last checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from utils import distributed as D
+from utils.checkpoint import LAST_NAME, TEST_BEST_ORDER, CheckpointError, load_checkpoint, load_model_weights
+from utils.engine import evaluate, per_video_predictions
+from utils.io import atomic_write_json
+from utils.logger import get_logger, setup_logger
+from utils.metrics import METRIC_KEYS, format_table
+from utils.options import MODEL_KEYS, parse_args
+from utils.runtime import make_loader, resolve_device, seed_everything
+
+
+def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"--load_uni_model_path {path}: no such checkpoint file or training folder")
+    names = TEST_BEST_ORDER if test_best else (LAST_NAME,)
+    found = [path / n for n in names if (path / n).is_file()]
+    if not found:
+        raise CheckpointError(f"no checkpoint named {', '.join(names)} in {path}")
+    return found
+
+
+def adopt_checkpoint_config(args, state: dict) -> list[str]:
+    """Take the model-defining settings from the checkpoint, so a checkpoint evaluates as it was trained.
+
+    Authors' checkpoints carry no configuration: the command line (paper defaults) applies.
+    """
+    cfg = state.get("config") or {}
+    changed = []
+    for key in MODEL_KEYS:
+        if key in cfg and hasattr(args, key) and getattr(args, key) != cfg[key]:
+            changed.append(f"{key}={cfg[key]!r} (command line: {getattr(args, key)!r})")
+            setattr(args, key, cfg[key])
+    return changed
+
+
+def split_name(csv_path: str) -> str:
+    name = Path(csv_path).name
+    return "test" if "test" in name else ("val" if "val" in name else Path(csv_path).stem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.made import build_criterion, build_model
+    from utils.dataset import build_dataset
+
+    args = parse_args(argv, mode="test")
+    device = resolve_device(args.device)
+    dist_info = D.init_distributed(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    ckpt_root = Path(args.load_uni_model_path)
+    log_dir = (ckpt_root if ckpt_root.is_dir() else ckpt_root.parent) / f"{args.test_data}-{split_name(args.test_csv)}"
+    log = setup_logger(log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-uni-{args.name}-{args.test_data}_test.log",
+                       is_main=dist_info.is_main)
+    seed_everything(args.seed)
+
+    paths = checkpoints_to_test(ckpt_root, args.test_best)
+    dataset = build_dataset(args.test_csv, frozen_feature_path=args.frozen_feature_path, stride=args.stride,
+                            max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows,
+                            use_packed=bool(args.use_packed))
+    loader, _ = make_loader(dataset, args.batch_size_val, False, False, args.seed, dist_info, device, args)
+    log.info(f"{args.test_csv}: {len(dataset)} videos; device {device}")
+
+    results = {}
+    for path in paths:
+        state = load_checkpoint(path)
+        changed = adopt_checkpoint_config(args, state)
+        if changed:
+            log.info(f"{path.name}: using the checkpoint's settings " + "; ".join(changed))
+        model = build_model(args).to(device)
+        load_model_weights(model, state, path)
+        criterion = build_criterion(args).to(device)
+        metrics, collected, details = evaluate(model, criterion, loader, device, args,
+                                               show_progress=dist_info.is_main)
+        results[path.name] = metrics
+        log.info(f"{path} (epoch {state.get('epoch')}):\n" + format_table({path.name: metrics}))
+        if args.save_json and dist_info.is_main:
+            out = log_dir / (f"uni_{split_name(args.test_csv)}_{state.get('epoch')}_"
+                             f"Mo-R1={metrics['R1_iou0.7']:.2f}.json")
+            atomic_write_json(per_video_predictions(collected, details), out)
+            log.info(f"per-video predictions: {out}")
+    if args.metrics_json and dist_info.is_main:
+        # A flat object with exactly METRIC_KEYS; several checkpoints give one file each,
+        # named after the checkpoint's suffix (metrics_best_r1.json, ...).
+        target = Path(args.metrics_json)
+        for path in paths:
+            out = target if len(paths) == 1 else target.with_name(
+                f"{target.stem}_{path.name.split('.')[-1]}{target.suffix or '.json'}")
+            atomic_write_json({k: results[path.name][k] for k in METRIC_KEYS}, out)
+            log.info(f"metrics written to {out}")
+    if len(results) > 1:
+        log.info("summary:\n" + format_table(results))
+    D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

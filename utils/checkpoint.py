@@ -1,0 +1,114 @@
+"""Checkpoints: what is saved, how it is written, how it is read back.
+
+File names follow the original (`pytorch_model.bin.best_r1`, `.best_iou`,
+`.best_r1iou05`, `.best_r1iou07`) plus `pytorch_model.bin.last`, which also
+carries everything needed to resume (optimizer, scheduler, RNG states, best
+trackers). Only the MaDe weights are stored (no frozen CLIP/AST encoders) and
+the configuration travels inside the file, so a checkpoint explains itself.
+
+Files are written atomically (utils/io.py): a crash mid-write leaves the
+previous checkpoint intact under the final name.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.io import atomic_torch_save
+
+FORMAT = "mgsv-made/1"
+BEST_NAMES = {
+    "R1": "pytorch_model.bin.best_r1",
+    "mIoU": "pytorch_model.bin.best_iou",
+    "R1_iou0.5": "pytorch_model.bin.best_r1iou05",
+    "R1_iou0.7": "pytorch_model.bin.best_r1iou07",
+}
+LAST_NAME = "pytorch_model.bin.last"
+# The order in which `test.py --test_best 1` evaluates them (the original's order).
+TEST_BEST_ORDER = ("pytorch_model.bin.best_r1iou07", "pytorch_model.bin.best_r1iou05",
+                   "pytorch_model.bin.best_r1", "pytorch_model.bin.best_iou")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: truncated, foreign, or from another configuration."""
+
+
+def jsonable_config(args: Any) -> dict:
+    cfg = vars(args) if not isinstance(args, dict) else args
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare MaDe behind DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, args: Any, epoch: int,
+                    metrics: dict | None = None, loss: float | None = None,
+                    resume_state: dict | None = None) -> None:
+    state = {
+        "format": FORMAT,
+        "epoch": int(epoch),
+        "loss": None if loss is None else float(loss),
+        "metrics": dict(metrics or {}),
+        "config": jsonable_config(args),
+        "model_state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        # The authors' files carry the string "None" here; kept for tools that read it.
+        "optimizer_state_dict": "None",
+    }
+    if resume_state is not None:
+        state["resume"] = resume_state
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint file (ours or the authors') with a clear error when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write was interrupted; "
+                              "use another checkpoint of the run (e.g. a .best_* file).")
+    try:
+        # weights_only=False: the authors' files and our resume state hold plain Python objects
+        # (numbers, strings, RNG state tensors). Only load checkpoints you trust.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            "The file is truncated or is not a PyTorch checkpoint.") from None
+    if isinstance(state, dict) and "model_state_dict" in state and isinstance(state["model_state_dict"], dict):
+        return state
+    if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
+        return {"format": "bare-state-dict", "model_state_dict": state, "epoch": None, "config": {}}
+    raise CheckpointError(f"{path} is not a MaDe checkpoint: expected a dict with 'model_state_dict' "
+                          f"(found {type(state).__name__}"
+                          f"{' with keys ' + ', '.join(map(str, list(state)[:8])) if isinstance(state, dict) else ''}).")
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, path: str | os.PathLike = "<checkpoint>") -> None:
+    """Load ours or the authors' layout into `model`; mismatches raise CheckpointError listing them."""
+    from model.checkpoint_compat import load_state_dict_any
+    try:
+        load_state_dict_any(unwrap(model), state["model_state_dict"])
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model configuration:\n{e}") from None
