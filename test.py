@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from utils import distributed as D
-from utils.checkpoint import LAST_NAME, TEST_BEST_ORDER, CheckpointError, load_checkpoint, load_model_weights
+from utils.checkpoint import (LAST_NAME, TEST_BEST_ORDER, CheckpointError, adopt_checkpoint_config,
+                              load_checkpoint, load_model_weights)
 from utils.engine import evaluate, per_video_predictions
 from utils.io import atomic_write_json
 from utils.logger import get_logger, setup_logger
 from utils.metrics import METRIC_KEYS, format_table
-from utils.options import MODEL_KEYS, parse_args
+from utils.options import parse_args
 from utils.runtime import make_loader, resolve_device, seed_everything
 
 
@@ -35,20 +36,6 @@ def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
     if not found:
         raise CheckpointError(f"no checkpoint named {', '.join(names)} in {path}")
     return found
-
-
-def adopt_checkpoint_config(args, state: dict) -> list[str]:
-    """Take the model-defining settings from the checkpoint, so a checkpoint evaluates as it was trained.
-
-    Authors' checkpoints carry no configuration: the command line (paper defaults) applies.
-    """
-    cfg = state.get("config") or {}
-    changed = []
-    for key in MODEL_KEYS:
-        if key in cfg and hasattr(args, key) and getattr(args, key) != cfg[key]:
-            changed.append(f"{key}={cfg[key]!r} (command line: {getattr(args, key)!r})")
-            setattr(args, key, cfg[key])
-    return changed
 
 
 def split_name(csv_path: str) -> str:

@@ -112,3 +112,20 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str | os.PathL
         load_state_dict_any(unwrap(model), state["model_state_dict"])
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model configuration:\n{e}") from None
+
+
+def adopt_checkpoint_config(args: Any, state: dict) -> list[str]:
+    """Take the model-defining settings from the checkpoint, so a checkpoint evaluates as it was trained.
+
+    Authors' checkpoints carry no configuration: the command line (paper defaults) applies.
+    Shared by test.py and utils/grounding.py (the inference tools), so both build the same model.
+    Returns one "key=value (command line: ...)" string per setting that changed.
+    """
+    from utils.options import MODEL_KEYS  # local import: reading a checkpoint should not need the parser
+    cfg = state.get("config") or {}
+    changed = []
+    for key in MODEL_KEYS:
+        if key in cfg and hasattr(args, key) and getattr(args, key) != cfg[key]:
+            changed.append(f"{key}={cfg[key]!r} (command line: {getattr(args, key)!r})")
+            setattr(args, key, cfg[key])
+    return changed
