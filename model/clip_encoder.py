@@ -52,9 +52,14 @@ def infer_clip_config(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
                 num_classes=int(state_dict["visual.proj"].shape[1]))
 
 
-def build_clip_vision(config: dict[str, int]) -> VisionTransformer:
-    """timm CLIP ViT (pre-norm, QuickGELU, eps 1e-5) with the projection as a `head` Linear; random weights."""
-    return timm.create_model("vit_base_patch32_clip_quickgelu_224", pretrained=False, **config)
+def build_clip_vision(config: dict[str, int], init: bool = True) -> VisionTransformer:
+    """timm CLIP ViT (pre-norm, QuickGELU, eps 1e-5) with the projection as a `head` Linear.
+
+    init=False leaves the parameters uninitialised (timm's weight_init='skip'): the loader overwrites every
+    tensor anyway (strict load) and random init of 88M parameters costs seconds on a CPU.
+    """
+    return timm.create_model("vit_base_patch32_clip_quickgelu_224", pretrained=False,
+                             weight_init="" if init else "skip", **config)
 
 
 def convert_openai_clip(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -120,7 +125,7 @@ def load_clip(weights_path: str | os.PathLike = DEFAULT_CLIP_WEIGHTS,
     path = require_weights(weights_path, "CLIP ViT-B/32", CLIP_FILE_NAME, CLIP_SOURCE)
     state = read_state_dict(path)
     try:
-        model = build_clip_vision(infer_clip_config(state))
+        model = build_clip_vision(infer_clip_config(state), init=False)
         model.load_state_dict(convert_openai_clip(state, model), strict=True)
     except (ValueError, RuntimeError, KeyError) as e:
         raise ValueError(f"{path}: {e}") from e
