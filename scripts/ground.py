@@ -1,0 +1,114 @@
+"""Ground short videos in a music library: the best tracks and, in each, the moment that fits.
+
+    python scripts/ground.py --load_uni_model_path CKPT --index INDEX --video_feature clip.pt \
+        [--video_mask clip_mask.pt] [--topk 10] [--out results.json] [--plot results.png]
+    python scripts/ground.py --load_uni_model_path CKPT --index INDEX \
+        --video_feature dataset/MGSV-EC/test_data.csv --frozen_feature_path features/Kuai_feature
+
+--video_feature takes a CLIP frame-feature tensor [frames <= 50, 512] (.pt), or a CSV with a
+video_id column whose features are read from --frozen_feature_path (many queries in one call;
+music_id/music_start/music_end columns, when present, are reported as the ground truth).
+Without --video_mask the valid frames are the non-zero rows (padding is stored as zeros).
+
+Output: a table on stdout; --out writes JSON, a list with one object per query
+{"video_id", "mode", "tracks": [{"music_id", "score", "start", "end", "confidence"}, ...]}
+ordered best first (+ "ground_truth" when known). score = the test-time retrieval score
+(as test.py's MsG); start/end = the detector's moment in seconds within that track, clipped
+to [0, min(240, track duration)] like test.py's SmG (start can exceed end when the moment lies
+past the end of the track, as in the original's evaluation); confidence = its foreground
+probability.
+
+--shortlist K: rank the library by the dual-tower cosine, re-score only the top K with the
+full score. Default: exhaustive up to 20,000 tracks, K = 1000 above; --shortlist 0 = always
+exhaustive. Bad input: one-line error, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load_uni_model_path", required=True, help="MaDe checkpoint the index was built with")
+    p.add_argument("--index", required=True, help="folder written by scripts/build_music_index.py")
+    p.add_argument("--video_feature", required=True, help="frame features .pt, or a CSV with a video_id column")
+    p.add_argument("--video_mask", default=None, help="frame mask .pt (default: non-zero rows)")
+    p.add_argument("--frozen_feature_path", default=None, help="feature root, with a CSV --video_feature")
+    p.add_argument("--topk", type=int, default=10, help="tracks returned per query")
+    p.add_argument("--shortlist", type=int, default=-1,
+                   help="K for two-stage retrieval; 0 = exhaustive; -1 = automatic (K=1000 above 20k tracks)")
+    p.add_argument("--batch_size", type=int, default=32, help="queries per batch")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    p.add_argument("--use_packed", type=int, choices=[0, 1], default=1)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None,
+                   help="PNG of each query's top tracks (several queries: NAME_<video_id>.png)")
+    p.add_argument("--plot_max", type=int, default=20, help="at most this many plots")
+    p.add_argument("--quiet", action="store_true", help="no table on stdout")
+    return p
+
+
+def load_queries(args: argparse.Namespace, num_frames: int):
+    from utils.grounding import GroundingError, Queries, load_query_csv, load_video
+    path = Path(args.video_feature)
+    if path.suffix.lower() == ".csv":
+        if args.frozen_feature_path is None:
+            raise GroundingError("--video_feature is a CSV: pass --frozen_feature_path (the feature root)")
+        if args.video_mask is not None:
+            raise GroundingError("--video_mask goes with a .pt --video_feature, not with a CSV")
+        return load_query_csv(path, args.frozen_feature_path, num_frames, bool(args.use_packed))
+    feat, mask = load_video(path, args.video_mask, num_frames)
+    return Queries([path.stem], feat[None], mask[None], [None], [None])
+
+
+def plot_paths(base: str, video_ids: list[str], limit: int) -> list[Path]:
+    base_path = Path(base)
+    if len(video_ids) == 1:
+        return [base_path]
+    suffix = base_path.suffix or ".png"
+    return [base_path.with_name(f"{base_path.stem}_{v}{suffix}") for v in video_ids[:limit]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.grounding import format_results, ground, load_model, open_index, plot_result
+    from utils.io import atomic_write_json
+    args = get_parser().parse_args(argv)
+    if args.topk < 1 or args.batch_size < 1:
+        raise ValueError("--topk and --batch_size must be >= 1")
+    gm = load_model(args.load_uni_model_path, args.device)
+    library = open_index(args.index, gm)
+    queries = load_queries(args, gm.num_frames)
+    t0 = time.time()
+    results = ground(gm, library, queries.feats, queries.masks, topk=args.topk,
+                     shortlist_k=None if args.shortlist < 0 else args.shortlist, batch_size=args.batch_size,
+                     video_ids=queries.video_ids, gt_music_ids=queries.gt_music_ids,
+                     gt_moments=queries.gt_moments)
+    elapsed = time.time() - t0
+    if not args.quiet:
+        print(format_results(results))
+        print(f"{len(results)} quer{'y' if len(results) == 1 else 'ies'} against {len(library)} tracks "
+              f"in {elapsed:.2f} s ({results[0].mode})")
+    if args.out:
+        atomic_write_json([r.to_json() for r in results], args.out)
+        print(f"results written to {args.out}")
+    if args.plot:
+        for r, path in zip(results, plot_paths(args.plot, [r.video_id for r in results], args.plot_max)):
+            plot_result(r, path, gm.max_m_duration)
+        print(f"plot(s) written to {args.plot if len(results) == 1 else Path(args.plot).parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    from utils.checkpoint import CheckpointError
+    from utils.grounding import GroundingError
+    try:
+        sys.exit(main())
+    except (GroundingError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

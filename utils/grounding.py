@@ -1,0 +1,1076 @@
+"""Ground new short videos against a music library: the Python API behind
+scripts/build_music_index.py and scripts/ground.py.
+
+    gm = load_model("RUN/pytorch_model.bin.best_r1")          # weights + config + fingerprint
+    build_index(gm, "tracks.csv", "features/Kuai_feature", "music.index")
+    library = open_index("music.index", gm)                    # refuses an index of other weights
+    feat, mask = load_video("clip.pt")
+    result = ground(gm, library, feat, mask, topk=10)[0]       # top tracks, each with its moment
+
+Why an index. Encoding a track (projection + temporal transformer) and its X-Pool keys/values
+costs much more than scoring a query against it, and a library changes rarely; so the library
+is encoded once into a folder of .npy arrays that are memory-mapped at query time (a 100k-track
+library does not have to fit in RAM, only the chunk being scored).
+
+What a query returns, and why it equals test.py. The retrieval score of a (video, track) pair
+is `model.score_videos` on the stored output of `model.index_music` -- the test-time MsG score
+of test.py (dual + single similarity for the paper's --vmr_loss), built in the same track order
+and blocks as test.py builds it for the same tracks. The moment of each returned track is the
+detector on that (video, track) pair, converted with utils.engine.top_moment/spans_to_seconds
+and clipped with utils.metrics.clip_moments, i.e. exactly test.py's SmG prediction when the
+track is the ground truth. Ids are deduplicated at build time (first occurrence wins), which
+is how test.py orders the columns of its score matrix; ties are broken by that order.
+
+Two-stage retrieval (large libraries). Exhaustive X-Pool scoring costs O(tracks x snippets x d)
+per query. `shortlist=K` first ranks the whole library by the dual-tower cosine v.m (one matrix
+product; faiss IndexFlatIP when installed, same exact result) and then re-scores only those K
+tracks with the same score function as the exhaustive path. Default (shortlist=None):
+exhaustive up to AUTO_SHORTLIST_ABOVE tracks, K = AUTO_SHORTLIST_K above; shortlist=0 forces
+exhaustive. The dual cosine is a good proxy because it is one of the two summed terms and the
+X-Pool term pools the same snippet tokens; bench_grounding measures how often it keeps the
+exhaustive top-1/top-10.
+
+Track durations (for clipping and plots) come from the CSV's music_total_duration when given;
+otherwise from the mask: number of valid snippets x stride (an estimate: a window centre every
+`stride` seconds is valid while centre <= duration, so it can be off by up to one stride).
+
+Index folder (written to a temporary sibling folder that is renamed into place when complete,
+so a crash never leaves a folder that looks like an index):
+
+    manifest.json        format, checkpoint path, weights fingerprint, config, dtype, array shapes
+    music_ids.json       one id per track: the row order of every per-track array
+    durations.npy        float64 [N] seconds
+    m.npy                [N, d]   global music embedding (dual tower, shortlist, detector query)
+    mask.npy             [N, Lm]  1 = valid snippet
+    token_offsets.npy    [N+1]    rows of tokens.bin per track
+    tokens.bin           [T, d]   snippet tokens of the valid snippets only (detector input)
+    blocks.npy, block_rows.npy, block_consts.npy, xpool_keys.bin, xpool_gram.bin
+                         model.index_music's X-Pool blocks (see "Storage of model.index_music")
+
+dtype float32 (default) gives test.py's numbers; float16 halves the size (scores move by ~1e-3).
+Size per track (d = 256, n valid snippets of 96): tokens 256n + keys 257n + Gram n(3n+7) values,
+e.g. ~47k values at the MGSV-EC mean n ~ 56 -> 190 KB float32 / 95 KB float16.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from utils.checkpoint import (CheckpointError, adopt_checkpoint_config, jsonable_config, load_checkpoint,
+                              load_model_weights, unwrap)
+from utils.engine import foreground_index, spans_to_seconds, top_moment
+from utils.io import atomic_open, atomic_save_npy, atomic_write_json
+from utils.metrics import clip_moments, moment_iou
+
+INDEX_FORMAT = "mgsv-music-index/1"
+MANIFEST = "manifest.json"
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Exhaustive X-Pool scoring of one query costs ~20 MFLOP per 100 tracks on CPU; above 20k tracks
+# a shortlist of 1000 keeps latency flat (measured numbers in scripts/bench_grounding.py).
+AUTO_SHORTLIST_ABOVE = 20_000
+AUTO_SHORTLIST_K = 1000
+DETECT_CHUNK = 256       # (video, track) pairs per detector call
+
+
+class GroundingError(ValueError):
+    """Unusable input to the grounding tools: bad feature file, missing id, mismatched index."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GroundingModel:
+    """A MaDe in eval mode with the configuration it was trained with and a weights fingerprint."""
+
+    model: torch.nn.Module
+    args: argparse.Namespace
+    checkpoint: str
+    fingerprint: str
+    device: torch.device
+
+    @property
+    def num_frames(self) -> int:
+        return int(getattr(self.args, "max_v_frames", 50))
+
+    @property
+    def max_m_duration(self) -> float:
+        return float(getattr(self.args, "max_m_duration", 240.0))
+
+    @property
+    def stride(self) -> float:
+        return float(getattr(self.args, "stride", 2.5))
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes), in name order.
+
+    Hashing the weights rather than the file means a checkpoint re-saved with other
+    metadata (e.g. `.last` with a newer resume state), or the authors' layout converted
+    to ours, keeps its fingerprint, while any change of a weight changes it.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(unwrap(model).state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    from utils.runtime import resolve_device as _resolve
+    return name if isinstance(name, torch.device) else _resolve(str(name))
+
+
+def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> GroundingModel:
+    """Build MaDe with the checkpoint's own settings (as test.py does) and load its weights."""
+    from model.made import build_model
+    from utils.options import parse_args
+    state = load_checkpoint(checkpoint)
+    args = parse_args([], mode="test")
+    adopt_checkpoint_config(args, state)
+    cfg = state.get("config") or {}
+    # Data-side settings the tools need besides the model-defining ones (stride of the index).
+    for key in ("stride", "max_m_duration", "max_v_frames"):
+        if key in cfg and hasattr(args, key):
+            setattr(args, key, cfg[key])
+    dev = resolve_device(device)
+    model = build_model(args)
+    load_model_weights(model, state, checkpoint)
+    model = model.to(dev).eval()
+    return GroundingModel(model=model, args=args, checkpoint=str(checkpoint),
+                          fingerprint=weights_fingerprint(model), device=dev)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: music id lists and video features
+
+
+def read_music_ids(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], dict[str, float]]:
+    """Track ids (deduplicated, first occurrence first) and any known durations.
+
+    `source`: a CSV with a music_id column (e.g. an MGSV-EC split; music_total_duration is
+    used when present), a text file with one id per line (blank lines and #-comments
+    skipped), or a sequence of ids.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        ids = [str(x).strip() for x in source]
+        return _dedupe(ids, source_name="the id list"), {}
+    path = Path(source)
+    if not path.is_file():
+        raise GroundingError(f"--music_ids {path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if path.suffix.lower() == ".csv" or "music_id" in first.split(","):
+        return _read_csv_ids(path)
+    with open(path, encoding="utf-8") as f:
+        ids = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    return _dedupe(ids, source_name=str(path)), {}
+
+
+def _read_csv_ids(path: Path) -> tuple[list[str], dict[str, float]]:
+    import pandas as pd
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # empty file, bad quoting, ...
+        raise GroundingError(f"{path}: cannot be read as CSV ({type(e).__name__}: {e})") from None
+    if "music_id" not in df.columns:
+        raise GroundingError(f"{path}: no music_id column (columns: {', '.join(df.columns[:8])})")
+    ids = [s.strip() for s in df["music_id"]]
+    durations: dict[str, float] = {}
+    if "music_total_duration" in df.columns:
+        values = pd.to_numeric(df["music_total_duration"], errors="coerce").to_numpy(float)
+        for mid, d in zip(ids, values):
+            if np.isfinite(d) and d > 0 and mid not in durations:
+                durations[mid] = float(d)
+    return _dedupe(ids, source_name=str(path)), durations
+
+
+def _dedupe(ids: list[str], source_name: str) -> list[str]:
+    if any(not i for i in ids):
+        raise GroundingError(f"{source_name}: empty music id")
+    out = list(dict.fromkeys(ids))
+    if not out:
+        raise GroundingError(f"{source_name}: no music ids")
+    return out
+
+
+def _load_tensor(path: Path, what: str) -> torch.Tensor:
+    if not path.is_file():
+        raise GroundingError(f"{what} {path}: file not found")
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GroundingError(f"{what} {path}: cannot be read as a torch tensor "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not torch.is_tensor(x):
+        raise GroundingError(f"{what} {path}: holds a {type(x).__name__}, expected a tensor")
+    return x
+
+
+def video_mask_from_rows(feat: torch.Tensor) -> torch.Tensor:
+    """1 for rows with any non-zero value: padded frames are stored as zero rows."""
+    return (feat != 0).any(dim=-1).to(torch.float32)
+
+
+def prepare_video(feat: torch.Tensor, mask: torch.Tensor | None = None, num_frames: int = 50,
+                  name: str = "video feature") -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate one CLIP frame sequence [T<=num_frames, 512]; pad to num_frames; zero padded rows.
+
+    Without a mask, frames are the non-zero rows (how the feature files store padding).
+    """
+    if not torch.is_tensor(feat):
+        raise GroundingError(f"{name}: expected a tensor, got {type(feat).__name__}")
+    if feat.dim() != 2 or feat.shape[1] != 512:
+        raise GroundingError(f"{name}: shape {list(feat.shape)}, expected [frames <= {num_frames}, 512] "
+                             "(CLIP ViT-B/32 image embeddings at 1 fps)")
+    if feat.shape[0] > num_frames:
+        raise GroundingError(f"{name}: {feat.shape[0]} frames, the model takes at most {num_frames} "
+                             "(1 fps); cut the video or its features")
+    if not torch.is_floating_point(feat):
+        raise GroundingError(f"{name}: dtype {feat.dtype}, expected floating point")
+    feat = feat.to(torch.float32)
+    if mask is None:
+        if not torch.isfinite(feat).all():
+            raise GroundingError(f"{name}: contains NaN or inf values")
+        mask = video_mask_from_rows(feat)
+    else:
+        if not torch.is_tensor(mask) or mask.dim() != 1 or mask.shape[0] != feat.shape[0]:
+            shape = list(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+            raise GroundingError(f"{name}: mask {shape} does not match {feat.shape[0]} frames "
+                                 f"(expected a 1-D 0/1 tensor [{feat.shape[0]}])")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise GroundingError(f"{name}: mask values must be 0 or 1")
+        mask = mask.to(torch.float32)
+        if not torch.isfinite(feat[mask.bool()]).all():
+            raise GroundingError(f"{name}: contains NaN or inf values in valid frames")
+    if not mask.any():
+        raise GroundingError(f"{name}: no valid frame (all rows are zero or masked out)")
+    out = torch.zeros(num_frames, 512)
+    out_mask = torch.zeros(num_frames)
+    out[: feat.shape[0]] = feat.masked_fill(~mask.bool()[:, None], 0.0)
+    out_mask[: feat.shape[0]] = mask
+    return out, out_mask
+
+
+def load_video(feature_path: str | os.PathLike, mask_path: str | os.PathLike | None = None,
+               num_frames: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query from .pt files: (feat [num_frames, 512], mask [num_frames]) float32."""
+    feat = _load_tensor(Path(feature_path), "--video_feature")
+    mask = None if mask_path is None else _load_tensor(Path(mask_path), "--video_mask")
+    return prepare_video(feat, mask, num_frames, name=str(feature_path))
+
+
+@dataclass
+class Queries:
+    """A batch of queries; optional ground truth (from a CSV row) for plots and checks."""
+
+    video_ids: list[str]
+    feats: torch.Tensor                     # [Q, Lv, 512]
+    masks: torch.Tensor                     # [Q, Lv]
+    gt_music_ids: list[str | None] = field(default_factory=list)
+    gt_moments: list[tuple[float, float] | None] = field(default_factory=list)
+
+
+def load_query_csv(csv_path: str | os.PathLike, feature_root: str | os.PathLike,
+                   num_frames: int = 50, use_packed: bool = True) -> Queries:
+    """Queries listed in a CSV with a video_id column, features from the feature store.
+
+    When the CSV also has music_id / music_start / music_end (an MGSV-EC split), they are
+    kept as the ground truth for the JSON output and the plots.
+    """
+    import pandas as pd
+    from utils.features import FeatureError, FeatureStore
+    path = Path(csv_path)
+    if not path.is_file():
+        raise GroundingError(f"--video_feature {path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise GroundingError(f"{path}: cannot be read as CSV ({type(e).__name__}: {e})") from None
+    if "video_id" not in df.columns:
+        raise GroundingError(f"{path}: no video_id column (columns: {', '.join(df.columns[:8])})")
+    if len(df) == 0:
+        raise GroundingError(f"{path}: no rows")
+    ids = [s.strip() for s in df["video_id"]]
+    try:
+        store = FeatureStore(feature_root, num_frames=num_frames, use_packed=use_packed)
+        store.check(ids, [])
+        feats, masks = store.videos(ids)
+    except FeatureError as e:
+        raise GroundingError(str(e)) from None
+    gt_ids: list[str | None] = [None] * len(ids)
+    gt_moments: list[tuple[float, float] | None] = [None] * len(ids)
+    if "music_id" in df.columns:
+        gt_ids = [s.strip() or None for s in df["music_id"]]
+        if {"music_start", "music_end"} <= set(df.columns):
+            st = pd.to_numeric(df["music_start"], errors="coerce").to_numpy(float)
+            ed = pd.to_numeric(df["music_end"], errors="coerce").to_numpy(float)
+            gt_moments = [(float(a), float(b)) if np.isfinite(a) and np.isfinite(b) else None
+                          for a, b in zip(st, ed)]
+    return Queries(ids, feats, masks, gt_ids, gt_moments)
+
+
+# --------------------------------------------------------------------------------------------
+# Storage of model.index_music's result (model/xpool.py MusicIndex).
+#
+# index_music sorts tracks by number of valid snippets and cuts them into blocks of 16; a block
+# of Nb tracks padded to Lb snippets holds keys [d+1, Nb*Lb] (LN1 snippets + a mask-offset row,
+# track after track), gram [Nb, Lb, 3*Lb+7] (three Lb-wide Gram matrices + 7 linear columns) and
+# consts [Nb, 10]. The index folder keeps those tensors block after block (keys transposed, so
+# blocks append row-wise): the exhaustive path hands them back to model.score_videos unchanged,
+# and the shortlist path gathers single tracks and re-pads them to a common Lb (padded snippets
+# get zero Gram rows/columns and masked keys, which the scorer weights by exactly 0).
+# tests/test_grounding.py pins both against model.score_videos on a freshly built index.
+
+KEYS_FILE, GRAM_FILE, TOKENS_FILE = "xpool_keys.bin", "xpool_gram.bin", "tokens.bin"
+BLOCK_COLUMNS = ("first", "count", "length", "key_start", "gram_start")  # per row of blocks.npy
+INDEX_GROUP = 1024   # tracks per index_music call while building (a multiple of the block size 16)
+
+
+def _masked_offset() -> float:
+    from model.xpool import _MASKED
+    return float(_MASKED)
+
+
+class _Appender:
+    """Appends rows to a raw binary file; shape and dtype go to the manifest (np.memmap reads it)."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype, self.rows, self.row_shape = path, dtype, 0, None
+        self.f = open(path, "wb")
+
+    def add(self, a: np.ndarray) -> int:
+        """Write rows; returns the row index of the first one."""
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        if self.row_shape is None:
+            self.row_shape = a.shape[1:]
+        start = self.rows
+        self.f.write(a.tobytes())
+        self.rows += a.shape[0]
+        return start
+
+    def close(self) -> dict:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return {"file": self.path.name, "dtype": np.dtype(self.dtype).name,
+                "shape": [self.rows, *(self.row_shape or ())]}
+
+
+def _open_raw(folder: Path, info: dict) -> np.ndarray:
+    shape = tuple(info["shape"])
+    if shape[0] == 0:
+        return np.zeros(shape, dtype=info["dtype"])
+    # mode "c" (copy-on-write): torch.from_numpy accepts it without a copy or a read-only warning.
+    return np.memmap(folder / info["file"], dtype=info["dtype"], mode="c", shape=shape)
+
+
+def _to_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(a) if a.dtype == np.float32 and a.flags.writeable else \
+        torch.from_numpy(np.array(a, dtype=np.float32))
+    return t.to(device)
+
+
+class _TrackStore:
+    """Per-track arrays in library row order: m [N, d], mask [N, L] and the snippet tokens of
+    valid snippets only (ragged: tracks average ~60 % of the 96 windows), rebuilt zero-padded."""
+
+    def __init__(self, m: np.ndarray, mask: np.ndarray, offsets: np.ndarray, tokens: np.ndarray):
+        self.m, self.mask, self.offsets, self.tokens = m, mask, offsets, tokens
+
+    def get(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(m [k, d], Sm [k, L, d] padded rows 0, mask [k, L]) float32 for library rows `rows`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        mask = np.asarray(self.mask[rows], dtype=np.float32)
+        n = self.offsets[rows + 1] - self.offsets[rows]
+        src = np.repeat(self.offsets[rows], n) + _ranges(n)
+        sm = np.zeros((len(rows), mask.shape[1], self.tokens.shape[1]), dtype=np.float32)
+        sm[mask > 0] = self.tokens[src]  # row-major order of mask > 0 = valid snippets track by track
+        m = np.asarray(self.m[rows], dtype=np.float32)
+        return (torch.from_numpy(m).to(device), torch.from_numpy(sm).to(device),
+                torch.from_numpy(mask).to(device))
+
+
+def _ranges(n: np.ndarray) -> np.ndarray:
+    """concatenate(arange(k) for k in n), vectorised."""
+    n = np.asarray(n, dtype=np.int64)
+    total = int(n.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(np.cumsum(n) - n, n)
+    return np.arange(total, dtype=np.int64) - starts
+
+
+def _check_padding_zero(tokens: torch.Tensor, mask: torch.Tensor) -> None:
+    """The index keeps only valid snippet tokens; MaDe zeroes padded ones (not with --agg_module None)."""
+    if bool((tokens.abs().sum(-1) * (mask == 0)).any()):
+        raise GroundingError("the music encoder leaves non-zero tokens at padded snippets "
+                             "(--agg_module None); the grounding index does not support that configuration")
+
+
+def _index_order(gm: GroundingModel, mask: np.ndarray) -> np.ndarray:
+    """Track order of index_music over the whole library: stable sort by valid snippets."""
+    xpool = getattr(gm.model, "xpool", None)
+    n_valid = mask.sum(1) if xpool is None or xpool.use_mask else np.zeros(len(mask))
+    return np.argsort(n_valid, kind="stable")
+
+
+@torch.no_grad()
+def encode_tracks(gm: GroundingModel, music_feats: torch.Tensor,
+                  music_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, Sm, mask) of a chunk of tracks from their AST features [n, Lm, 768], [n, Lm]."""
+    mask = music_mask.to(gm.device, torch.float32)
+    m, tokens = gm.model.encode_music(music_feats.to(gm.device, torch.float32), mask)
+    return m, tokens, mask
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise GroundingError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    if not (out / MANIFEST).is_file():
+        raise GroundingError(f"refusing to replace {out}: it is not a music index (no {MANIFEST})")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished staging folder to `out`; an old index is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_tracks(staging: Path, chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                  num_tracks: int, dtype: np.dtype) -> tuple[_TrackStore, dict]:
+    """Pass 1: global embeddings, masks and valid snippet tokens, in library row order."""
+    tokens = _Appender(staging / TOKENS_FILE, dtype)
+    m_rows, mask_rows, counts = [], [], []
+    for m, sm, mask in chunks:
+        _check_padding_zero(sm, mask)
+        mask_np = mask.float().cpu().numpy()
+        tokens.add(sm.float().cpu().numpy()[mask_np > 0])
+        m_rows.append(m.float().cpu().numpy())
+        mask_rows.append(mask_np)
+        counts.append((mask_np > 0).sum(1))
+    m_all = np.concatenate(m_rows).astype(dtype) if m_rows else np.zeros((0, 0), dtype)
+    mask_all = np.concatenate(mask_rows) if mask_rows else np.zeros((0, 0), np.float32)
+    if len(m_all) != num_tracks:
+        raise GroundingError(f"encoded {len(m_all)} tracks, expected {num_tracks}")
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+    atomic_save_npy(m_all, staging / "m.npy")
+    atomic_save_npy(mask_all, staging / "mask.npy")
+    atomic_save_npy(offsets, staging / "token_offsets.npy")
+    info = {"tokens": tokens.close()}
+    store = _TrackStore(m_all, mask_all, offsets, _open_raw(staging, info["tokens"]))
+    return store, info
+
+
+@torch.no_grad()
+def _write_xpool(gm: GroundingModel, staging: Path, store: _TrackStore, dtype: np.dtype) -> dict:
+    """Pass 2: model.index_music over the library in its own length order, blocks appended."""
+    keys, gram = _Appender(staging / KEYS_FILE, dtype), _Appender(staging / GRAM_FILE, dtype)
+    order = _index_order(gm, store.mask)
+    rows_in_block_order, consts, blocks = [], [], []
+    first = 0
+    for lo in range(0, len(order), INDEX_GROUP):
+        group = order[lo: lo + INDEX_GROUP]
+        index = gm.model.index_music(*store.get(group, gm.device))
+        for blk in index.blocks:
+            cols = blk.columns.cpu().numpy()
+            nb = len(cols)
+            key_start = keys.add(blk.keys.T.float().cpu().numpy())
+            gram_start = gram.add(blk.gram.float().cpu().numpy().reshape(-1))
+            blocks.append((first, nb, blk.length, key_start, gram_start))
+            rows_in_block_order.append(group[cols])
+            consts.append(blk.consts.float().cpu().numpy())
+            first += nb
+    info = {"keys": keys.close(), "gram": gram.close()}
+    if blocks:  # an index without X-Pool (--vmr_loss dual) has no blocks: dual scores only
+        if first != len(order):
+            raise RuntimeError(f"index_music returned {first} tracks in blocks for {len(order)}")
+        atomic_save_npy(np.asarray(blocks, dtype=np.int64), staging / "blocks.npy")
+        atomic_save_npy(np.concatenate(rows_in_block_order).astype(np.int64), staging / "block_rows.npy")
+        atomic_save_npy(np.concatenate(consts).astype(np.float32), staging / "block_consts.npy")
+    return info
+
+
+def write_index(gm: GroundingModel, music_ids: Sequence[str],
+                chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], out: str | os.PathLike,
+                durations: dict[str, float] | None = None, dtype: str = "float32", overwrite: bool = False,
+                extra: dict | None = None) -> Path:
+    """Write an index folder from chunks of (m, Sm, mask) in `music_ids` order.
+
+    Shared by build_index (AST features from disk) and the benchmark (synthetic MaDe-space
+    tracks). Everything goes to a staging folder renamed into place at the end.
+    """
+    if dtype not in STORE_DTYPES:
+        raise GroundingError(f"--dtype {dtype}: expected one of {', '.join(STORE_DTYPES)}")
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    ids = list(music_ids)
+    if len(set(ids)) != len(ids):
+        raise GroundingError("music ids must be unique in an index")
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    t0 = time.time()
+    np_dtype = np.dtype(STORE_DTYPES[dtype])
+    try:
+        store, arrays = _write_tracks(staging, chunks, len(ids), np_dtype)
+        t_encode = time.time() - t0
+        arrays.update(_write_xpool(gm, staging, store, np_dtype))
+        durations = durations or {}
+        dur = np.array([durations.get(mid, np.nan) for mid in ids], dtype=np.float64)
+        from_mask = ~np.isfinite(dur)
+        dur[from_mask] = (store.mask[from_mask] > 0).sum(1) * gm.stride
+        atomic_save_npy(dur, staging / "durations.npy")
+        atomic_write_json(ids, staging / "music_ids.json", indent=None)
+        manifest = {
+            "format": INDEX_FORMAT, "num_tracks": len(ids), "dtype": dtype,
+            "checkpoint": str(Path(gm.checkpoint).resolve()), "fingerprint": gm.fingerprint,
+            "stride": gm.stride, "max_m_duration": gm.max_m_duration,
+            "num_snippets": int(store.mask.shape[1]) if len(ids) else 0,
+            "durations_from_mask": int(from_mask.sum()), "arrays": arrays,
+            "encode_seconds": round(t_encode, 3), "build_seconds": round(time.time() - t0, 3),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": jsonable_config(gm.args), **(extra or {}),
+        }
+        del store
+        atomic_write_json(manifest, staging / MANIFEST)
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def build_index(gm: GroundingModel, music_ids: str | os.PathLike | Sequence[str],
+                feature_root: str | os.PathLike, out: str | os.PathLike, batch_size: int = 64,
+                dtype: str = "float32", overwrite: bool = False, use_packed: bool = True,
+                progress: bool = False) -> Path:
+    """Encode a music library (AST features under `feature_root`) into an index folder."""
+    from utils.features import FeatureError, FeatureStore
+    ids, durations = read_music_ids(music_ids)
+    try:
+        store = FeatureStore(feature_root, stride=gm.stride, max_m_duration=gm.max_m_duration,
+                             num_frames=gm.num_frames, use_packed=use_packed)
+        store.check([], ids)
+    except FeatureError as e:
+        raise GroundingError(str(e)) from None
+
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        starts: Iterable[int] = range(0, len(ids), batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="encode tracks", unit="batch")
+        for lo in starts:
+            try:
+                feats, masks = store.musics(ids[lo: lo + batch_size])
+            except FeatureError as e:
+                raise GroundingError(str(e)) from None
+            yield encode_tracks(gm, feats, masks)
+
+    extra = {"feature_root": str(Path(feature_root).resolve()),
+             "music_ids_source": str(music_ids) if isinstance(music_ids, (str, os.PathLike)) else "list"}
+    return write_index(gm, ids, chunks(), out, durations, dtype, overwrite, extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Opening an index
+
+
+@dataclass
+class MusicLibrary:
+    """An opened index: ids, durations and memory-mapped arrays (rows = tracks)."""
+
+    path: Path
+    manifest: dict
+    music_ids: list[str]
+    durations: np.ndarray            # [N] seconds
+    tracks: _TrackStore              # m, mask, snippet tokens (library row order)
+    blocks: np.ndarray               # [NB, 5] BLOCK_COLUMNS; empty without X-Pool
+    block_rows: np.ndarray           # [N] library row of each track in block order
+    block_consts: np.ndarray         # [N, 10] in block order
+    keys: np.ndarray                 # [C, d+1] IndexBlock.keys transposed, block after block
+    gram: np.ndarray                 # [G] IndexBlock.gram flattened, block after block
+    _row_of: dict[str, int] | None = None
+    _music_emb: torch.Tensor | None = None
+    _position: np.ndarray | None = None      # block-order position of each library row
+    _block_of: np.ndarray | None = None      # block of each block-order position
+    _faiss_index: Any = None
+
+    def __len__(self) -> int:
+        return len(self.music_ids)
+
+    @property
+    def has_xpool(self) -> bool:
+        return len(self.blocks) > 0
+
+    def row_of(self, music_id: str) -> int | None:
+        if self._row_of is None:
+            self._row_of = {m: i for i, m in enumerate(self.music_ids)}
+        return self._row_of.get(music_id)
+
+    def music_emb(self) -> torch.Tensor:
+        """L2-normalised global embeddings [N, d] float32 (what index_music scores with)."""
+        if self._music_emb is None:
+            self._music_emb = torch.nn.functional.normalize(
+                torch.from_numpy(np.asarray(self.tracks.m, dtype=np.float32)), dim=-1)
+        return self._music_emb
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def _positions(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._position is None:
+            self._position = np.empty(len(self), dtype=np.int64)
+            self._position[self.block_rows] = np.arange(len(self))
+            self._block_of = np.repeat(np.arange(len(self.blocks)), self.blocks[:, 1])
+        return self._position, self._block_of
+
+
+def open_index(path: str | os.PathLike, gm: GroundingModel | None = None) -> MusicLibrary:
+    """Open an index folder; with `gm`, refuse an index built with other weights."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise GroundingError(f"--index {path}: not a music index (no {MANIFEST}); "
+                             "build one with scripts/build_music_index.py")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GroundingError(f"{manifest_path}: unreadable ({e})") from None
+    if manifest.get("format") != INDEX_FORMAT:
+        raise GroundingError(f"{path}: index format {manifest.get('format')!r}, this code reads {INDEX_FORMAT!r}; "
+                             "rebuild it with scripts/build_music_index.py")
+    if gm is not None:
+        check_index_matches(manifest, gm, path)
+    try:
+        arrays = manifest["arrays"]
+        ids = [str(i) for i in json.loads((path / "music_ids.json").read_text(encoding="utf-8"))]
+        load = lambda name: np.load(path / name, mmap_mode="c")  # noqa: E731
+        tracks = _TrackStore(load("m.npy"), load("mask.npy"), np.load(path / "token_offsets.npy"),
+                             _open_raw(path, arrays["tokens"]))
+        has_blocks = (path / "blocks.npy").is_file()
+        n = manifest["num_tracks"]
+        library = MusicLibrary(
+            path, manifest, ids, np.load(path / "durations.npy"), tracks,
+            blocks=np.load(path / "blocks.npy") if has_blocks else np.zeros((0, 5), np.int64),
+            block_rows=np.load(path / "block_rows.npy") if has_blocks else np.arange(n),
+            block_consts=load("block_consts.npy") if has_blocks else np.zeros((n, 10), np.float32),
+            keys=_open_raw(path, arrays["keys"]), gram=_open_raw(path, arrays["gram"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise GroundingError(f"{path}: incomplete or corrupt index ({type(e).__name__}: {e}); rebuild it") from None
+    if len(ids) != n or library.durations.shape != (n,) or tracks.m.shape[0] != n or len(library.block_rows) != n:
+        raise GroundingError(f"{path}: arrays disagree with the {n} tracks of the manifest; rebuild it")
+    return library
+
+
+def check_index_matches(manifest: dict, gm: GroundingModel, path: Path | str = "<index>") -> None:
+    """The index must come from the same weights: its tokens and keys are that model's encodings."""
+    if manifest.get("fingerprint") != gm.fingerprint:
+        raise GroundingError(
+            f"index {path} was built with checkpoint {manifest.get('checkpoint')} "
+            f"(weights sha256 {str(manifest.get('fingerprint'))[:12]}...), but the model was loaded from "
+            f"{gm.checkpoint} (weights sha256 {gm.fingerprint[:12]}...). Its encodings are not valid for "
+            "these weights: rebuild it with scripts/build_music_index.py --load_uni_model_path "
+            f"{gm.checkpoint}, or pass the checkpoint it was built with.")
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _music_index(music_emb: torch.Tensor, blocks: list) -> Any:
+    from model.xpool import MusicIndex
+    return MusicIndex(music_emb, blocks)
+
+
+class _StoredBlocks:
+    """The stored X-Pool blocks as the model's IndexBlocks, materialised one at a time while
+    model.score_videos iterates over them: one call scores the whole library (its per-call set-up
+    is paid once) and a float16 index is converted to float32 a block at a time (bounded memory).
+    Columns are library rows, so the scores come back in library order."""
+
+    def __init__(self, library: MusicLibrary, device: torch.device):
+        self.library, self.device = library, device
+
+    def __len__(self) -> int:
+        return len(self.library.blocks)
+
+    def __iter__(self) -> Iterator[Any]:
+        from model.xpool import IndexBlock
+        lib, dev = self.library, self.device
+        for first, nb, lb, key_start, gram_start in lib.blocks.tolist():
+            keys = _to_tensor(lib.keys[key_start: key_start + nb * lb], dev).T   # [d+1, nb*lb]
+            gram = _to_tensor(lib.gram[gram_start: gram_start + nb * lb * (3 * lb + 7)], dev)
+            consts = _to_tensor(lib.block_consts[first: first + nb], dev)
+            cols = torch.from_numpy(lib.block_rows[first: first + nb]).to(dev)
+            yield IndexBlock(cols, keys, gram.view(nb, lb, 3 * lb + 7), consts, lb)
+
+
+@torch.no_grad()
+def exhaustive_scores(gm: GroundingModel, library: MusicLibrary, v: torch.Tensor) -> torch.Tensor:
+    """[B, N] scores of every query against every track: model.score_videos on the stored index
+    (the same blocks index_music builds for the whole library, so test.py's numbers)."""
+    blocks = _StoredBlocks(library, gm.device) if library.has_xpool else []
+    index = _music_index(library.music_emb().to(gm.device), blocks)
+    return gm.model.score_videos(v, index, v.shape[0]).float()
+
+
+def select_tracks(library: MusicLibrary, rows: np.ndarray, device: torch.device) -> Any:
+    """The model's MusicIndex of just `rows` (columns in that order), gathered from the stored
+    blocks and re-padded to their longest block length: no re-encoding, same numbers."""
+    from model.xpool import IndexBlock
+    rows = np.asarray(rows, dtype=np.int64)
+    emb = library.music_emb()[torch.from_numpy(rows)].to(device)
+    if not library.has_xpool:
+        return _music_index(emb, [])
+    position, block_of = library._positions()
+    pos = position[rows]
+    blk = library.blocks[block_of[pos]]                       # [k, 5]
+    within = pos - blk[:, 0]
+    lb = blk[:, 2]
+    length = int(lb.max())
+    k, d1 = len(rows), library.keys.shape[1]
+    # keys: track t's Lb_t columns -> columns t*length .. t*length+Lb_t; the rest masked.
+    key_src = np.repeat(blk[:, 3] + within * lb, lb) + _ranges(lb)
+    key_dst = np.repeat(np.arange(k) * length, lb) + _ranges(lb)
+    keys = np.zeros((k * length, d1), dtype=np.float32)
+    keys[:, -1] = _masked_offset()
+    keys[key_dst] = library.keys[key_src]
+    # gram: [Lb, 3*Lb+7] -> [length, 3*length+7]; Gram sub-block s column c -> s*length + c.
+    gram = np.zeros((k, length, 3 * length + 7), dtype=np.float32)
+    for t in range(k):  # one slice per track: ~28k values each, numpy copies them in bulk
+        b = int(lb[t])
+        src = library.gram[blk[t, 4] + within[t] * b * (3 * b + 7):][: b * (3 * b + 7)].reshape(b, 3 * b + 7)
+        for s in range(3):
+            gram[t, :b, s * length: s * length + b] = src[:, s * b: (s + 1) * b]
+        gram[t, :b, 3 * length:] = src[:, 3 * b:]
+    consts = np.asarray(library.block_consts[pos], dtype=np.float32)
+    block = IndexBlock(torch.arange(k, device=device), torch.from_numpy(keys).to(device).T,
+                       torch.from_numpy(gram).to(device), torch.from_numpy(consts).to(device), length)
+    return _music_index(emb, [block])
+
+
+def _faiss():
+    try:
+        import faiss  # optional: exact inner-product search over the global embeddings
+        return faiss
+    except ImportError:
+        return None
+
+
+@torch.no_grad()
+def shortlist(library: MusicLibrary, v: torch.Tensor, k: int) -> np.ndarray:
+    """[B, k] rows with the highest dual-tower cosine v.m (both L2-normalised)."""
+    k = min(k, len(library))
+    emb = library.music_emb()
+    vv = torch.nn.functional.normalize(v.float().cpu(), dim=-1)
+    faiss = _faiss()
+    if faiss is not None:
+        if library._faiss_index is None:
+            library._faiss_index = faiss.IndexFlatIP(emb.shape[1])
+            library._faiss_index.add(np.ascontiguousarray(emb.numpy()))
+        return library._faiss_index.search(np.ascontiguousarray(vv.numpy()), k)[1].astype(np.int64)
+    return (vv @ emb.T).topk(k, dim=1).indices.numpy()
+
+
+@torch.no_grad()
+def two_stage_scores(gm: GroundingModel, library: MusicLibrary, v: torch.Tensor,
+                     k: int) -> tuple[np.ndarray, torch.Tensor]:
+    """(rows [B, K] ascending, scores [B, K]): each query's shortlist re-scored by
+    model.score_videos on that query's own K tracks (the exhaustive score function)."""
+    rows = np.sort(shortlist(library, v, k), axis=1)  # ascending rows: ties resolve as in exhaustive
+    scores = torch.stack([gm.model.score_videos(v[b: b + 1], select_tracks(library, rows[b], gm.device), 1)[0]
+                          for b in range(v.shape[0])])
+    return rows, scores.float()
+
+
+def top_by_score(scores: torch.Tensor, rows: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the k best (row, score), ties broken by the lower row (= test.py's column order)."""
+    s = scores.double().cpu().numpy()
+    cols = np.broadcast_to(np.arange(s.shape[1]), s.shape) if rows is None else rows
+    k = min(k, s.shape[1])
+    top_rows = np.empty((s.shape[0], k), dtype=np.int64)
+    top_scores = np.empty((s.shape[0], k), dtype=np.float64)
+    for b in range(s.shape[0]):
+        cand = np.argpartition(-s[b], k - 1)[:k] if k < s.shape[1] else np.arange(s.shape[1])
+        cand = np.nonzero(s[b] >= s[b, cand].min())[0]   # everything tied with the k-th too
+        order = np.lexsort((cols[b, cand], -s[b, cand]))[:k]
+        top_rows[b], top_scores[b] = cols[b, cand[order]], s[b, cand[order]]
+    return top_rows, top_scores
+
+
+# --------------------------------------------------------------------------------------------
+# Detection
+
+
+@torch.no_grad()
+def detect_pairs(gm: GroundingModel, library: MusicLibrary, Fv: torch.Tensor, frame_mask: torch.Tensor,
+                 v: torch.Tensor, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Moments (seconds, clipped to each track) and foreground probabilities of (query, row) pairs."""
+    if getattr(gm.model.cfg, "moment_query_type", "video") == "xpool":
+        raise GroundingError("--moment_query_type xpool depends on the other videos of a batch; "
+                             "the grounding tools support the paper's 'video' (and music/zero) queries")
+    fg = foreground_index(gm.args)
+    se_all, conf_all = [], []
+    for lo in range(0, len(rows), DETECT_CHUNK):
+        q = torch.from_numpy(query[lo: lo + DETECT_CHUNK]).to(gm.device)
+        m, sm, mask = library.tracks.get(rows[lo: lo + DETECT_CHUNK], gm.device)
+        # --predict_center 1 needs the video length: 1 frame per second.
+        det = gm.model.detect(Fv[q], frame_mask[q], sm, mask, v[q], m, v_duration=frame_mask[q].sum(1))
+        span, prob = top_moment(det, fg)
+        se_all.append(spans_to_seconds(span, gm.max_m_duration).double().cpu().numpy())
+        conf_all.append(prob.double().cpu().numpy())
+    se = np.concatenate(se_all) if se_all else np.zeros((0, 2))
+    conf = np.concatenate(conf_all) if conf_all else np.zeros(0)
+    return clip_moments(se, library.durations[rows], gm.max_m_duration), conf
+
+
+# --------------------------------------------------------------------------------------------
+# Grounding queries
+
+
+@dataclass
+class TrackHit:
+    rank: int
+    music_id: str
+    score: float
+    start: float
+    end: float
+    confidence: float
+    duration: float
+
+
+@dataclass
+class GroundTruth:
+    music_id: str
+    start: float | None
+    end: float | None
+    rank: int | None                 # 1-based rank of the GT track (None: not scored, e.g. outside the shortlist)
+    score: float | None
+    pred_start: float | None         # the detector's moment on the GT track (test.py's SmG prediction)
+    pred_end: float | None
+    confidence: float | None
+    iou: float | None
+    in_library: bool
+    duration: float | None = None    # track length (s) from the index
+
+
+@dataclass
+class QueryResult:
+    video_id: str
+    tracks: list[TrackHit]
+    mode: str                        # "exhaustive" or "two-stage(K)"
+    gt: GroundTruth | None = None
+
+    def to_json(self) -> dict:
+        out = {"video_id": self.video_id, "mode": self.mode,
+               "tracks": [{k: getattr(t, k) for k in ("music_id", "score", "start", "end", "confidence")}
+                          for t in self.tracks]}
+        if self.gt is not None:
+            out["ground_truth"] = dataclasses.asdict(self.gt)
+        return out
+
+
+def resolve_shortlist(shortlist_k: int | None, num_tracks: int) -> int:
+    """0 = exhaustive. None = automatic: exhaustive up to AUTO_SHORTLIST_ABOVE tracks."""
+    if shortlist_k is None or shortlist_k < 0:
+        return AUTO_SHORTLIST_K if num_tracks > AUTO_SHORTLIST_ABOVE else 0
+    return 0 if shortlist_k >= num_tracks else int(shortlist_k)
+
+
+@torch.no_grad()
+def ground(gm: GroundingModel, library: MusicLibrary, frame_feats: torch.Tensor, frame_mask: torch.Tensor,
+           topk: int = 10, shortlist_k: int | None = None, batch_size: int = 32,
+           video_ids: Sequence[str] | None = None, gt_music_ids: Sequence[str | None] | None = None,
+           gt_moments: Sequence[tuple[float, float] | None] | None = None) -> list[QueryResult]:
+    """Top-k tracks of the library for each query, each with its predicted moment.
+
+    frame_feats [Lv, 512] or [Q, Lv, 512] (and masks alike), e.g. from load_video /
+    load_query_csv. Queries are processed `batch_size` at a time; the detector runs on
+    all (query, top track) pairs of a batch together.
+    """
+    if frame_feats.dim() == 2:
+        frame_feats, frame_mask = frame_feats[None], frame_mask[None]
+    n = frame_feats.shape[0]
+    video_ids = list(video_ids) if video_ids is not None else [f"query{i}" for i in range(n)]
+    gt_music_ids = list(gt_music_ids) if gt_music_ids is not None else [None] * n
+    gt_moments = list(gt_moments) if gt_moments is not None else [None] * n
+    if not (len(video_ids) == len(gt_music_ids) == len(gt_moments) == n) or frame_mask.shape[0] != n:
+        raise GroundingError("video_ids, gt_music_ids, gt_moments and frame_mask must have one entry per query")
+    k_short = resolve_shortlist(shortlist_k, len(library))
+    mode = f"two-stage(K={k_short})" if k_short else "exhaustive"
+    results: list[QueryResult] = []
+    for lo in range(0, n, batch_size):
+        sl = slice(lo, min(lo + batch_size, n))
+        results += _ground_batch(gm, library, frame_feats[sl], frame_mask[sl], topk, k_short, mode,
+                                 video_ids[sl], gt_music_ids[sl], gt_moments[sl])
+    return results
+
+
+def _ground_batch(gm: GroundingModel, library: MusicLibrary, feats: torch.Tensor, masks: torch.Tensor,
+                  topk: int, k_short: int, mode: str, video_ids: list[str], gt_ids: list[str | None],
+                  gt_moments: list[tuple[float, float] | None]) -> list[QueryResult]:
+    feats, masks = feats.to(gm.device, torch.float32), masks.to(gm.device, torch.float32)
+    v, Fv = gm.model.encode_video(feats, masks)
+    if k_short:
+        cand_rows, scores = two_stage_scores(gm, library, v, k_short)
+    else:
+        cand_rows, scores = None, exhaustive_scores(gm, library, v)
+    top_rows, top_scores = top_by_score(scores, cand_rows, topk)
+    b, k = top_rows.shape
+    # Detector on every (query, top track) pair, plus the GT track when it is known.
+    gt_rows = [library.row_of(g) if g is not None else None for g in gt_ids]
+    q_idx = np.repeat(np.arange(b), k)
+    r_idx = top_rows.reshape(-1)
+    extra = [(i, r) for i, r in enumerate(gt_rows) if r is not None]
+    if extra:
+        q_idx = np.concatenate([q_idx, [i for i, _ in extra]])
+        r_idx = np.concatenate([r_idx, [r for _, r in extra]])
+    se, conf = detect_pairs(gm, library, Fv, masks, v, q_idx.astype(np.int64), r_idx.astype(np.int64))
+    results = []
+    for i in range(b):
+        hits = [TrackHit(rank=j + 1, music_id=library.music_ids[top_rows[i, j]], score=float(top_scores[i, j]),
+                         start=float(se[i * k + j, 0]), end=float(se[i * k + j, 1]),
+                         confidence=float(conf[i * k + j]), duration=float(library.durations[top_rows[i, j]]))
+                for j in range(k)]
+        results.append(QueryResult(video_ids[i], hits, mode))
+    for n_extra, (i, r) in enumerate(extra):
+        p = b * k + n_extra
+        results[i].gt = _ground_truth(library, gt_ids[i], r, gt_moments[i], scores[i], cand_rows, i,
+                                      se[p], float(conf[p]))
+    for i, g in enumerate(gt_ids):
+        if g is not None and gt_rows[i] is None:
+            m = gt_moments[i]
+            results[i].gt = GroundTruth(g, m[0] if m else None, m[1] if m else None, None, None,
+                                        None, None, None, None, in_library=False)
+    return results
+
+
+def _ground_truth(library: MusicLibrary, music_id: str, row: int, moment: tuple[float, float] | None,
+                  scores: torch.Tensor, cand_rows: np.ndarray | None, i: int, pred: np.ndarray,
+                  confidence: float) -> GroundTruth:
+    """The GT track's rank (pessimistic ties, as utils.metrics.gt_ranks) and its predicted moment."""
+    s = scores.double().cpu().numpy()
+    rank = score = None
+    cols = np.arange(len(s)) if cand_rows is None else cand_rows[i]
+    hit = np.nonzero(cols == row)[0]
+    if hit.size:
+        score = float(s[hit[0]])
+        rank = int((s >= score).sum())  # includes itself: 1-based, ties ranked ahead
+    iou = None
+    if moment is not None:
+        iou = float(moment_iou(pred[None], np.array([moment], dtype=np.float64))[0])
+    return GroundTruth(music_id, moment[0] if moment else None, moment[1] if moment else None, rank, score,
+                       float(pred[0]), float(pred[1]), confidence, iou, in_library=True,
+                       duration=float(library.durations[row]))
+
+
+# --------------------------------------------------------------------------------------------
+# Output: table and picture
+
+
+def format_results(results: Sequence[QueryResult]) -> str:
+    """Human-readable table, one block per query."""
+    lines = []
+    for r in results:
+        lines.append(f"video {r.video_id}  [{r.mode}]")
+        lines.append(f"  {'rank':>4}  {'music_id':<24} {'score':>8} {'start':>8} {'end':>8} {'conf':>6} {'track':>7}")
+        for t in r.tracks:
+            mark = "  <- ground truth" if r.gt is not None and t.music_id == r.gt.music_id else ""
+            lines.append(f"  {t.rank:>4}  {t.music_id:<24} {t.score:>8.4f} {t.start:>7.2f}s {t.end:>7.2f}s "
+                         f"{t.confidence:>6.3f} {t.duration:>6.1f}s{mark}")
+        g = r.gt
+        if g is not None:
+            if not g.in_library:
+                lines.append(f"  ground truth {g.music_id}: not in the index")
+            else:
+                rank = f"rank {g.rank}" if g.rank is not None else "outside the shortlist"
+                gt_moment = f"{g.start:.2f}-{g.end:.2f}s, " if g.start is not None else ""
+                iou = f" IoU {g.iou:.3f}" if g.iou is not None else ""
+                lines.append(f"  ground truth {g.music_id}: {rank}, moment {gt_moment}"
+                             f"predicted {g.pred_start:.2f}-{g.pred_end:.2f}s (conf {g.confidence:.3f}){iou}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: float = 240.0) -> Path:
+    """One horizontal timeline per returned track (length = track duration), predicted moment
+    shaded, ground-truth moment hatched on the GT track, score and confidence labelled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    tracks = list(result.tracks)
+    gt = result.gt
+    show_gt_row = gt is not None and gt.in_library and gt.pred_start is not None \
+        and all(t.music_id != gt.music_id for t in tracks)
+    n_rows = len(tracks) + int(show_gt_row)
+    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.55 * n_rows))
+    labels = []
+    for y, t in enumerate(tracks):
+        is_gt = gt is not None and t.music_id == gt.music_id
+        _draw_track(ax, y, t.duration, t.start, t.end, gt if is_gt else None)
+        ax.text(min(t.duration, max_m_duration) + 2, y, f"score {t.score:.3f}   conf {t.confidence:.2f}",
+                va="center", fontsize=8)
+        labels.append(f"#{t.rank} {t.music_id}" + ("  (GT)" if is_gt else ""))
+    if show_gt_row:  # the GT track is outside the top-k: drawn below them, for comparison
+        y = len(tracks)
+        _draw_track(ax, y, gt.duration, gt.pred_start, gt.pred_end, gt)
+        rank = f"rank {gt.rank}" if gt.rank is not None else "not shortlisted"
+        ax.text(min(gt.duration, max_m_duration) + 2, y, f"conf {gt.confidence:.2f}   ({rank})",
+                va="center", fontsize=8)
+        labels.append(f"GT {gt.music_id}")
+    ax.set_yticks(range(n_rows), labels, fontsize=8)
+    ax.set_ylim(n_rows - 0.5, -0.5)
+    ax.set_xlim(0, max_m_duration + 45)
+    ax.set_xticks(np.arange(0, max_m_duration + 1, 30))
+    ax.set_xlabel("time in track (s)")
+    ax.set_title(f"video {result.video_id}: top {len(tracks)} tracks [{result.mode}]", fontsize=10)
+    handles = [Patch(facecolor="#dddddd", label="track"), Patch(facecolor="#1f77b4", alpha=0.8, label="predicted moment")]
+    if gt is not None and gt.start is not None:
+        handles.append(Patch(facecolor="none", edgecolor="#d62728", hatch="///", label="ground-truth moment"))
+    ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.9)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def _draw_track(ax: Any, y: float, duration: float, start: float, end: float, gt: GroundTruth | None) -> None:
+    ax.barh(y, duration, left=0, height=0.5, color="#dddddd", edgecolor="#999999", linewidth=0.6)
+    if end > start:
+        ax.barh(y, end - start, left=start, height=0.5, color="#1f77b4", alpha=0.8)
+    else:  # clip_moments keeps start > end for a moment predicted past the end of the track
+        ax.text(duration, y, " moment past track end", va="center", fontsize=7, color="#1f77b4")
+    if gt is not None and gt.start is not None and gt.end is not None:
+        ax.barh(y, gt.end - gt.start, left=gt.start, height=0.5, color="none", edgecolor="#d62728",
+                hatch="///", linewidth=1.2)
