@@ -225,16 +225,16 @@ class PerIdSource:
         pairs = [self.get(i) for i in ids]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    def missing(self, ids: Sequence[str]) -> list[str]:
-        """Missing file paths (feature or mask) for `ids`."""
+    def missing(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        """{id: its missing file paths (feature and/or mask)} for the ids lacking a file."""
         m = self.modality
         have_feat, have_mask = _list_ids(m.base / m.feat_sub), _list_ids(m.base / m.mask_sub)
-        out = []
+        out: dict[str, list[str]] = {}
         for i in ids:
-            if i not in have_feat:
-                out.append(str(m.feat_path(i)))
-            if i not in have_mask:
-                out.append(str(m.mask_path(i)))
+            paths = [str(p) for p, have in ((m.feat_path(i), have_feat), (m.mask_path(i), have_mask))
+                     if i not in have]
+            if paths:
+                out[i] = paths
         return out
 
     def describe(self) -> str:
@@ -292,8 +292,8 @@ class PackedSource:
         m = np.asarray(masks[rows]).astype(np.float32, copy=False)
         return torch.from_numpy(f), torch.from_numpy(m)
 
-    def missing(self, ids: Sequence[str]) -> list[str]:
-        return [f"{i} (not in {self.directory})" for i in ids if i not in self.index]
+    def missing(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        return {i: [f"id {i!r} (not in the packed store)"] for i in ids if i not in self.index}
 
     def describe(self) -> str:
         return f"packed {self.manifest['feats_dtype']} store {self.directory}"
@@ -494,9 +494,9 @@ class FeatureStore:
         for source, ids in checks:
             missing = source.missing(ids)
             if missing:
-                problems.append(f"{len(missing)} missing {source.modality.name} feature file(s) for "
-                                f"{len(ids)} {source.modality.name} id(s) ({source.describe()}); "
-                                f"first: {_listed(missing)}")
+                paths = [p for group in missing.values() for p in group]
+                problems.append(f"{len(missing)} of {len(ids)} {source.modality.name} id(s) have no "
+                                f"feature files ({source.describe()}); first missing: {_listed(paths)}")
         if problems:
             raise FeatureError(
                 "\n".join(problems) + "\nDownload/unzip the features (features/README.md), fix "
