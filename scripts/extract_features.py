@@ -14,12 +14,12 @@ Inputs (--videos and --music are independent; either may be omitted):
   * a CSV file: one row per item (duplicates are extracted once). The id comes from the video_id / music_id
     column (read as text, so 113722188340 stays exactly that). The file comes from a path column if there is
     one (videos: video_path or path; music: music_path or path), else <ROOT>/<id>.<ext> is looked up.
-    A path is tried as written, then under ROOT (absolute paths with the leading "/" removed), then as
-    ROOT/<file name>. ROOT is --video_root / --music_root (default: the CSV's folder). So the MGSV-EC CSVs
-    work directly, e.g. ``--music dataset/MGSV-EC/test_data.csv --music_root /data/source_music`` finds
-    "/Data/music/source_music/0/7+5x4...+title.mp3" as /data/source_music/Data/music/source_music/0/... or
-    /data/source_music/7+5x4...+title.mp3, and ``--videos test_data.csv --video_root /data/videos`` finds
-    /data/videos/113722188340.mp4.
+    A path is tried as written (relative paths under ROOT first), then under ROOT with 1, 2, ... leading
+    folders removed, down to ROOT/<file name>. ROOT is --video_root / --music_root (default: the CSV's
+    folder). So the MGSV-EC CSVs work directly, e.g. ``--music dataset/MGSV-EC/test_data.csv --music_root
+    /data/source_music`` finds "/Data/music/source_music/0/7+5x4...+title.mp3" as
+    /data/source_music/0/7+5x4...+title.mp3 or /data/source_music/7+5x4...+title.mp3 (or deeper copies), and
+    ``--videos test_data.csv --video_root /data/videos`` finds /data/videos/113722188340.mp4.
   * a single media file.
 
 Ids already extracted (feature AND mask file present) are skipped, so an interrupted run resumes where it
@@ -120,10 +120,12 @@ def _find_by_id(item_id: str, root: Path, extensions: tuple[str, ...]) -> Path |
 
 
 def _resolve_path(value: str, root: Path) -> Path | None:
-    """Try the path as written, then under root (made relative), then root/<file name>."""
+    """Try the path as written (relative: under root first), then root/<the path with 1, 2, ... leading
+    components dropped>, ending with root/<file name>: CSVs written on another machine keep working when the
+    media tree was copied to a different place at any depth."""
     p = Path(value)
-    candidates = [p, root / p.relative_to(p.anchor)] if p.is_absolute() else [root / p, p]
-    candidates.append(root / p.name)
+    candidates = [p] if p.is_absolute() else [root / p, p]
+    candidates += [root.joinpath(*p.parts[k:]) for k in range(1, len(p.parts))]
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -134,17 +136,16 @@ def _items_from_csv(csv_path: Path, mod: Modality, root: Path) -> list[Item]:
     path_col = next((c for c in mod.path_columns if c in df.columns), None)
     items: list[Item] = []
     seen: set[str] = set()
-    for line, row in enumerate(df.itertuples(index=False), start=2):
-        row = row._asdict()
-        item_id = _safe_id(str(row[mod.id_column]))
+    paths = df[path_col] if path_col else [""] * len(df)
+    for line, (raw_id, value) in enumerate(zip(df[mod.id_column], paths), start=2):  # line 1 is the header
+        item_id = _safe_id(str(raw_id))
         if item_id is None:
-            items.append(Item(f"<line {line}>", None, f"{csv_path}:{line}: bad {mod.id_column} "
-                                                       f"{row[mod.id_column]!r}"))
+            items.append(Item(f"<line {line}>", None, f"{csv_path}:{line}: bad {mod.id_column} {raw_id!r}"))
             continue
         if item_id in seen:
             continue
         seen.add(item_id)
-        value = str(row[path_col]).strip() if path_col else ""
+        value = str(value).strip()
         path = _resolve_path(value, root) if value else None
         if path is None:
             path = _find_by_id(item_id, root, mod.extensions)
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mod.name}: {len(items)} listed, {done} extracted, {skipped} already done, "
               f"{len(failures)} failed -> {mod.feat_dir.parent}", file=sys.stderr)
         for f in failures[:20]:
-            print(f"  FAILED {f['id']}: {f['path']}: {f['error']}", file=sys.stderr)
+            print(f"  FAILED {f['id']}: {f['path'] + ': ' if f['path'] else ''}{f['error']}", file=sys.stderr)
         if len(failures) > 20:
             print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
         attempted += done + len(failures)

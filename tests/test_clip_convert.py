@@ -2,14 +2,13 @@
 both file formats (TorchScript archive, plain state dict), clear errors for missing or wrong files."""
 from __future__ import annotations
 
-import torch
-
 import pytest
+import torch
+from media_helpers import openai_clip_state_dict, openai_visual_forward, save_torchscript
 
 from model.clip_encoder import (CLIP_FILE_NAME, build_clip_vision, convert_openai_clip, infer_clip_config,
                                 load_clip)
 from model.pretrained import MissingWeightsError
-from tests.media_helpers import openai_clip_state_dict, openai_visual_forward, save_torchscript
 
 
 def test_infer_config_real_vit_b32_shapes():

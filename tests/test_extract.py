@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from model.ast_encoder import (AST_FILE_NAME, build_ast, convert_ast_checkpoint, infer_ast_config, load_ast,
-                               ASTEncoder)
+from conftest import load_script
+from media_helpers import (ast_checkpoint, ast_reference_forward, openai_clip_state_dict, save_torchscript,
+                           second_colour, write_video, write_wav)
+from model.ast_encoder import (AST_FILE_NAME, ASTEncoder, build_ast, convert_ast_checkpoint, infer_ast_config,
+                               load_ast)
 from model.clip_encoder import (CLIP_FILE_NAME, CLIPImageEncoder, build_clip_vision, convert_openai_clip,
                                 infer_clip_config)
 from model.pretrained import MissingWeightsError
-from scripts.extract_features import main
-from tests.media_helpers import (ast_checkpoint, ast_reference_forward, openai_clip_state_dict, save_torchscript,
-                                 second_colour, write_video, write_wav)
 from utils.extract import extract_music_features, extract_video_features, music_windows
 from utils.fbank import ast_input
 from utils.media import MediaError, decode_audio, decode_frames_1fps
+
+main = load_script("extract_features").main
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -230,21 +232,25 @@ def test_script_csv_inputs(media, weights, tmp_path):
     """MGSV-EC style CSVs: numeric video ids found as <root>/<id>.mp4; music_path written for another machine
     re-rooted by file name; duplicate rows extracted once; a missing file is a reported failure."""
     vids, songs = tmp_path / "vids", tmp_path / "songs"
-    vids.mkdir(), songs.mkdir()
+    vids.mkdir(), (songs / "0").mkdir(parents=True)
     os.symlink(media / "videos" / "clip124.mp4", vids / "113722188340.mp4")
-    os.symlink(media / "music" / "track100.wav", songs / "7+5x4mjj+title.wav")
+    os.symlink(media / "music" / "track100.wav", songs / "0" / "7+5x4mjj+title.wav")
+    os.symlink(media / "short12.wav", songs / "4+flat.wav")
     csv = tmp_path / "test_data.csv"
     csv.write_text("video_id,music_id,music_path\n"
                    "113722188340,7+5x4mjj,/Data/music/source_music/0/7+5x4mjj+title.wav\n"
                    "113722188340,7+5x4mjj,/Data/music/source_music/0/7+5x4mjj+title.wav\n"
+                   "1001,4+flat,/Data/music/source_music/5/4+flat.wav\n"
                    "999,4+absent,/Data/music/source_music/3/4+absent+x.mp3\n")
     out = tmp_path / "feats"
     assert _run(["--videos", str(csv), "--video_root", str(vids), "--music", str(csv), "--music_root",
                  str(songs)], out, weights) == 0
     assert _load(out, "vit_feature1", "video", "113722188340")[1].sum() == 13
-    assert _load(out, "ast_feature10", "music", "7+5x4mjj")[1].sum() == 11
+    assert _load(out, "ast_feature10", "music", "7+5x4mjj")[1].sum() == 11  # found as songs/0/<name>
+    assert _load(out, "ast_feature10", "music", "4+flat")[1].sum() == 2  # found as songs/<name>
     failures = json.loads((out / "extraction_failures.json").read_text())
-    assert [f["id"] for f in failures["video"]] == ["999"] and [f["id"] for f in failures["music"]] == ["4+absent"]
+    assert [f["id"] for f in failures["video"]] == ["1001", "999"]
+    assert [f["id"] for f in failures["music"]] == ["4+absent"]
 
 
 def test_script_exit_status(media, weights, tmp_path, capsys):
