@@ -48,7 +48,7 @@ from model.ast_encoder import AST_FILE_NAME, AST_SOURCE, DEFAULT_AST_WEIGHTS  # 
 from model.clip_encoder import CLIP_FILE_NAME, CLIP_SOURCE, DEFAULT_CLIP_WEIGHTS  # noqa: E402
 from model.pretrained import MissingWeightsError, require_weights  # noqa: E402
 from utils.extract import (MAX_V_FRAMES, MUSIC_DIRS, VIDEO_DIR, extract_music_features,  # noqa: E402
-                           extract_video_features, load_ast, load_clip, music_feature_dir, resolve_device)
+                           extract_video_features, load_ast, load_clip, music_dir_for_stride, resolve_device)
 from utils.io import atomic_torch_save, atomic_write_json  # noqa: E402
 from utils.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS  # noqa: E402
 
@@ -239,7 +239,7 @@ def _make_jobs(args: argparse.Namespace, out: Path, device: torch.device) -> lis
         jobs.append((mod, list_items(args.videos, mod, args.video_root),
                      lambda p: extract_video_features(p, clip(), device, args.max_v_frames, args.batch_size)))
     if args.music:
-        music_dir = out / music_feature_dir(args.stride)
+        music_dir = out / music_dir_for_stride(args.stride)
         mod = Modality("music", "music_id", ("music_path", "path"), AUDIO_EXTENSIONS,
                        music_dir / "ast_feature", music_dir / "ast_mask")
         ast = _lazy(lambda: load_ast(args.ast_weights, device))

@@ -23,15 +23,14 @@ import torch
 from model.ast_encoder import ASTEncoder, load_ast
 from model.clip_encoder import CLIPImageEncoder, load_clip
 from utils.fbank import SAMPLE_RATE, ast_input
+from utils.features import MUSIC_DIRS, VIDEO_DIR, music_dir_for_stride, num_snippets_for
 from utils.media import decode_audio, decode_frames_1fps
 
 __all__ = ["load_clip", "load_ast", "extract_video_features", "extract_music_features", "music_windows",
-           "music_feature_dir", "resolve_device", "MAX_V_FRAMES", "MAX_M_DURATION", "MUSIC_DIRS"]
+           "music_dir_for_stride", "resolve_device", "MAX_V_FRAMES", "MAX_M_DURATION", "MUSIC_DIRS", "VIDEO_DIR"]
 
 MAX_V_FRAMES = 50
 MAX_M_DURATION = 240.0
-VIDEO_DIR = "vit_feature1"
-MUSIC_DIRS = {2.5: "ast_feature2p5", 5.0: "ast_feature5", 7.5: "ast_feature7p5", 10.0: "ast_feature10"}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -39,14 +38,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def music_feature_dir(stride: float) -> str:
-    """Folder name of the music features for a window stride (the training code selects it the same way)."""
-    try:
-        return MUSIC_DIRS[float(stride)]
-    except KeyError:
-        raise ValueError(f"stride must be one of {sorted(MUSIC_DIRS)} seconds, got {stride}") from None
 
 
 def music_windows(duration: float, stride: float, filter_s: float,
@@ -59,7 +50,7 @@ def music_windows(duration: float, stride: float, filter_s: float,
     """
     if stride <= 0 or filter_s <= 0:
         raise ValueError(f"stride and filter must be positive, got {stride}, {filter_s}")
-    centres = stride * np.arange(int(max_duration / stride), dtype=np.float64)
+    centres = stride * np.arange(num_snippets_for(stride, max_duration), dtype=np.float64)
     starts = np.maximum(0.0, centres - filter_s / 2)
     ends = np.minimum(max_duration, centres + filter_s / 2)
     bounds = np.stack([(SAMPLE_RATE * starts).astype(np.int64), (SAMPLE_RATE * ends).astype(np.int64)], axis=1)
