@@ -182,8 +182,10 @@ def test_store_configuration_errors(tmp_path: Path) -> None:
     expect_feature_error(lambda: FeatureStore(tmp_path / "nowhere"), "does not exist", "MGSV_feature.zip")
     root = make_root(tmp_path)
     expect_feature_error(lambda: FeatureStore(root, stride=3.0), "--stride 3", "not supported")
-    expect_feature_error(lambda: FeatureStore(root, stride=5.0), "ast_feature5 not found",
-                         "ast_feature2p5", "--stride")
+    store5 = FeatureStore(root, stride=5.0)  # a root may hold one modality only
+    store5.check([VID], [])
+    for use in (lambda: store5.music(MID), lambda: store5.check([VID], [MID])):
+        expect_feature_error(use, "ast_feature5 not found", "ast_feature2p5", "--stride")
     assert set(MUSIC_DIRS) == {2.5, 5.0, 7.5, 10.0}
 
 

@@ -299,6 +299,30 @@ class PackedSource:
         return f"packed {self.manifest['feats_dtype']} store {self.directory}"
 
 
+class UnavailableSource:
+    """Stands in for a modality whose folder does not exist; raises on first real use."""
+
+    kind = "unavailable"
+
+    def __init__(self, modality: Modality, message: str):
+        self.modality = modality
+        self.message = message
+
+    def get(self, item_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise FeatureError(self.message)
+
+    def get_many(self, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise FeatureError(self.message)
+
+    def missing(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        if ids:
+            raise FeatureError(self.message)
+        return {}
+
+    def describe(self) -> str:
+        return f"missing folder {self.modality.base}"
+
+
 # --------------------------------------------------------------------------------------------
 # Packing
 
@@ -448,16 +472,17 @@ class FeatureStore:
         self._music = self._source(self.music_modality, use_packed, cache_size=music_cache_size)
 
     def _source(self, modality: Modality, use_packed: bool,
-                cache_size: int | None) -> PerIdSource | PackedSource:
+                cache_size: int | None) -> PerIdSource | PackedSource | UnavailableSource:
         packed = open_packed(modality) if use_packed else None
         if packed is not None:
             return packed
         if not modality.base.is_dir():
+            # Not an error yet: a music-only root (e.g. a library to index) never asks for videos.
             present = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-            raise FeatureError(
+            return UnavailableSource(modality, (
                 f"{modality.base} not found (needed for {modality.name} features at stride "
                 f"{self.stride:g}); {self.root} contains {present}. Check --frozen_feature_path "
-                f"and --stride. {_README_HINT}")
+                f"and --stride. {_README_HINT}"))
         return PerIdSource(modality, cache_size=cache_size)
 
     @property
