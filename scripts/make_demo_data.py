@@ -21,12 +21,16 @@ How the signal is built (so that a model has to use both modalities):
     output for zero audio; the loader zeroes them.
   * A video of duration d, paired with moment [s, s + d] of track j, has one frame per
     second (floor(video_end) + 1 frames, at most 50). Frame i is "CLIP-like": a shared
-    mean + W_v z_j(s + t_i) (W_v: fixed random D -> 512) + a per-video nuisance vector +
-    per-frame noise, scaled to norm ~10 like CLIP image embeddings. Padded frames hold a
-    constant "black frame" vector.
+    mean + 0.45 W_v z_j(s + t_i) (W_v: fixed random D -> 512) + a per-video nuisance
+    vector (std 1) + per-frame noise (std 1.5), scaled to norm ~10 like CLIP image
+    embeddings. Padded frames hold a constant "black frame" vector.
   Retrieval therefore needs the video content (the nuisance and noise hide the track
   identity from any single frame, averaging helps), and localisation needs temporal
-  alignment: another moment of the same track has a different s_j(t).
+  alignment: another moment of the same track has a different s_j(t). Difficulty, with
+  the defaults: a ridge-regression probe (mean frame -> mean snippet) gets R1 ~67 % over
+  the 200 test tracks (chance 0.5 %); sliding that probe over the GT track localises with
+  mIoU ~0.9, versus ~0.45 for the "start at 0, video length" prior. --video_signal scales
+  the 0.45 (lower = harder).
 
 Splits: every track gets training videos (num_videos in total, >= 1 per track, several
 per track on average, ~30 % of them re-using an earlier moment of the same track, as
@@ -41,7 +45,11 @@ Statistics follow the real val/test CSVs: videos 5-49.5 s (median ~20 s), tracks
 the first second, the rest uniformly over the track.
 
 Deterministic: the same arguments give byte-identical files (one numpy Generator, fixed
-float formatting, plain contiguous tensors saved with torch.save).
+float formatting, plain contiguous tensors saved with torch.save). CSVs and the marker are
+written with utils/io's atomic helpers; the thousands of feature files go to a staging
+folder that is renamed into place at the end (same guarantee, ~3x faster than fsyncing
+each file). An existing dataset is only replaced with --overwrite, and only if it carries
+the demo_data.json marker (so real data is never deleted).
 """
 from __future__ import annotations
 
