@@ -1,0 +1,193 @@
+"""Training losses (reference section 3).
+
+    loss = ret_loss_weight * L_ret + loc_loss_weight * L_loc
+    L_ret: symmetric InfoNCE over in-batch similarities, per --vmr_loss
+    L_loc: per decoder layer 4 * L1 + 1 * (1 - gIoU) + 0.8 * CE(label) + 0.2 * contrastive align
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from utils.spans import generalized_temporal_iou, span_cw_to_se
+
+from .matcher import HungarianMatcher
+
+# Loss weights and matcher costs: hard-coded in the original (no flags).
+SPAN_WEIGHTS = {"loss_span": 4.0, "loss_giou": 1.0, "loss_label": 0.8, "loss_contrastive_align": 0.2}
+REGRESSION_L1_WEIGHT = 20.0
+EOS_COEF = 0.1                 # background-class weight of the label loss
+CONTRASTIVE_TEMPERATURE = 0.07
+
+
+def clip_loss(sim: Tensor, logit_scale: Tensor, same_music: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE over a square similarity matrix (positives on the diagonal).
+
+    0.5 * (CE over rows + CE over columns) of exp(logit_scale) * sim. same_music [B, B]
+    (True = another pair of the batch with the same track) removes those entries from the
+    negatives in both directions (fix flag --mask_same_music; the original never masks).
+    """
+    logits = logit_scale.exp() * sim
+    if same_music is not None:
+        logits = logits.masked_fill(same_music, float("-inf"))
+    target = torch.arange(sim.shape[0], device=sim.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def same_music_mask(music_ids: list[str], device: torch.device) -> Tensor:
+    """[B, B] True where i != j share a music id."""
+    codes = {mid: k for k, mid in enumerate(dict.fromkeys(music_ids))}
+    ids = torch.tensor([codes[mid] for mid in music_ids], device=device)
+    same = ids[:, None] == ids[None, :]
+    return same & ~torch.eye(len(music_ids), dtype=torch.bool, device=device)
+
+
+class RetrievalLoss(nn.Module):
+    """L_ret for every working --vmr_loss (reference 2.3)."""
+
+    def __init__(self, vmr_loss: str = "dual_single_loss_fuse", weight: float = 1.0,
+                 mask_same_music: bool = False):
+        super().__init__()
+        self.vmr_loss = vmr_loss
+        self.weight = weight  # --dual_single_loss_weight (ignored by loss_fuse, as in the original)
+        self.mask_same_music = mask_same_music
+
+    def forward(self, sims: dict, logit_scale: Tensor, music_ids: list[str] | None = None) -> dict:
+        same = None
+        if self.mask_same_music:
+            if music_ids is None:
+                raise ValueError("--mask_same_music 1 needs the batch's music_id list")
+            same = same_music_mask(list(music_ids), sims["dual"].device)
+        dual, single = sims["dual"], sims["single"]
+        if self.vmr_loss == "dual_single_loss_fuse":
+            parts = {"loss_dual": clip_loss(dual, logit_scale, same), "loss_single": clip_loss(single, logit_scale, same)}
+            parts["retrieval_loss"] = parts["loss_dual"] + parts["loss_single"]
+            return parts
+        if self.vmr_loss == "dual":
+            sim = dual
+        elif self.vmr_loss == "dual_single_sim_fuse":
+            sim = dual + single
+        else:  # "single", "dual_single_feature_fuse" (single = cos(v, (P + m) / 2) there)
+            sim = single
+        return {"retrieval_loss": self.weight * clip_loss(sim, logit_scale, same)}
+
+
+class SetCriterion(nn.Module):
+    """DETR-style moment losses on the final output and on every auxiliary decoder layer."""
+
+    def __init__(self, matcher: HungarianMatcher, foreground_label: int = 0, eos_coef: float = EOS_COEF,
+                 contrastive_align: bool = True, weights: dict | None = None):
+        super().__init__()
+        self.matcher = matcher
+        self.foreground_label = foreground_label
+        self.background_label = 1 - foreground_label
+        self.contrastive_align = contrastive_align
+        self.weights = dict(weights or SPAN_WEIGHTS)
+        if not contrastive_align:
+            self.weights.pop("loss_contrastive_align", None)
+        empty_weight = torch.ones(2)
+        empty_weight[self.background_label] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def forward(self, detection: dict, targets: Tensor | list[Tensor]) -> dict:
+        """targets [B, T, 2] or list of [T_b, 2] (center, width) -> losses and class_error.
+
+        Keys: loss_span, loss_giou, loss_label, [loss_contrastive_align], class_error for the
+        final layer, the same with suffix _<i> for auxiliary layer i, and localization_loss
+        (the weighted sum over all layers).
+        """
+        targets = [t[t[:, 1] > 0] for t in targets]
+        losses = self._layer_losses(detection, targets)
+        for i, aux in enumerate(detection.get("aux_outputs", [])):
+            losses.update({f"{k}_{i}": v for k, v in self._layer_losses(aux, targets).items()})
+        losses["localization_loss"] = sum(self.weights[k.rsplit("_", 1)[0] if k[-1].isdigit() else k] * v
+                                          for k, v in losses.items() if k.startswith("loss_"))
+        return losses
+
+    def _layer_losses(self, out: dict, targets: list[Tensor]) -> dict:
+        indices = self.matcher(out, targets)
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
+        query_idx = torch.cat([src for src, _ in indices])
+        device = out["pred_spans"].device
+        batch_idx, query_idx = batch_idx.to(device), query_idx.to(device)
+        losses = {}
+
+        # Spans: mean L1 over matched spans and both coordinates; mean (1 - gIoU) in (start, end).
+        src_spans = out["pred_spans"][batch_idx, query_idx]
+        tgt_spans = torch.cat([t[tgt.to(t.device)] for t, (_, tgt) in zip(targets, indices)]).to(src_spans)
+        if src_spans.shape[0] == 0:
+            zero = out["pred_spans"].sum() * 0
+            losses["loss_span"], losses["loss_giou"] = zero, zero
+        else:
+            losses["loss_span"] = F.l1_loss(src_spans, tgt_spans)
+            giou = torch.diag(generalized_temporal_iou(span_cw_to_se(src_spans), span_cw_to_se(tgt_spans)))
+            losses["loss_giou"] = (1 - giou).mean()
+
+        # Labels: foreground for matched queries, background (weight eos_coef) otherwise.
+        logits = out["pred_logits"]
+        target_classes = torch.full(logits.shape[:2], self.background_label, dtype=torch.int64, device=device)
+        target_classes[batch_idx, query_idx] = self.foreground_label
+        losses["loss_label"] = F.cross_entropy(logits.transpose(1, 2), target_classes,
+                                               self.empty_weight.to(logits.dtype), reduction="none").mean()
+        with torch.no_grad():
+            matched = logits[batch_idx, query_idx]
+            correct = (matched.argmax(-1) == self.foreground_label).float()
+            losses["class_error"] = 100 - 100 * correct.mean() if correct.numel() else logits.new_zeros(())
+
+        if self.contrastive_align:
+            losses["loss_contrastive_align"] = self._contrastive(out, batch_idx, query_idx)
+        return losses
+
+    @staticmethod
+    def _contrastive(out: dict, batch_idx: Tensor, query_idx: Tensor) -> Tensor:
+        """-mean logit of matched queries + logsumexp over queries, logits summed over frames.
+
+        Identically 0 with one query (-x + logsumexp([x])), as in the original.
+        """
+        logits = torch.einsum("bqd,btd->bq", out["proj_queries"], out["proj_vid_mem"]) / CONTRASTIVE_TEMPERATURE
+        positive = torch.zeros_like(logits, dtype=torch.bool)
+        positive[batch_idx, query_idx] = True
+        pos_term = logits.masked_fill(~positive, 0).sum(1)
+        num_pos = positive.sum(1).clamp(min=1)
+        return (-pos_term / num_pos + logits.logsumexp(1)).mean()
+
+
+class RegressionCriterion(nn.Module):
+    """--mml_localization regression: 20 * L1 on the single predicted span."""
+
+    def forward(self, detection: dict, targets: Tensor | list[Tensor]) -> dict:
+        tgt = torch.stack([t[0] for t in targets]).to(detection["pred_spans"])
+        l1 = F.l1_loss(detection["pred_spans"][:, 0], tgt)
+        return {"loss_span": l1, "localization_loss": REGRESSION_L1_WEIGHT * l1}
+
+
+class Criterion(nn.Module):
+    """criterion(outputs, batch) -> (loss, parts); loss = w_ret * L_ret + w_loc * L_loc."""
+
+    def __init__(self, retrieval: RetrievalLoss, localization: nn.Module, ret_loss_weight: float = 1.0,
+                 loc_loss_weight: float = 1.0):
+        super().__init__()
+        self.retrieval = retrieval
+        self.localization = localization
+        self.ret_loss_weight = ret_loss_weight
+        self.loc_loss_weight = loc_loss_weight
+
+    def forward(self, outputs: dict, batch: dict) -> tuple[Tensor, dict]:
+        parts = self.retrieval(outputs["similarities"], outputs["logit_scale"], batch.get("music_id"))
+        parts.update(self.localization(outputs["detection"], batch["spans_target"]))
+        loss = self.ret_loss_weight * parts["retrieval_loss"] + self.loc_loss_weight * parts["localization_loss"]
+        return loss, parts
+
+
+def build_criterion(args: argparse.Namespace) -> Criterion:
+    foreground = 0 if args.fb_label == "01" else 1
+    retrieval = RetrievalLoss(args.vmr_loss, args.dual_single_loss_weight, bool(args.mask_same_music))
+    if args.mml_localization == "regression":
+        localization: nn.Module = RegressionCriterion()
+    else:
+        matcher = HungarianMatcher(foreground_label=foreground)
+        localization = SetCriterion(matcher, foreground, contrastive_align=bool(args.contrastive_align_loss))
+    return Criterion(retrieval, localization, args.ret_loss_weight, args.loc_loss_weight)

@@ -1,0 +1,360 @@
+"""The one command-line definition shared by train.py and test.py.
+
+Flag names are the original's (reference section 8). Defaults are the values of the
+authors' shell scripts (scripts/{train,test}_kuai_all_feature.sh), i.e. the paper
+configuration, not the original argparse defaults (which differ materially, reference
+7.18). Derived fields are filled in like the original's parse_option, and every choice
+that crashes in the original or is not reproduced here is rejected by the parser with a
+message that says why (reference 7.19).
+
+Fidelity-fix flags (default = the original's behaviour) are listed in model/DIFFERENCES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+MODES = ("train", "test")
+STRIDE_DIRS = {2.5: "ast_feature2p5", 5.0: "ast_feature5", 7.5: "ast_feature7p5", 10.0: "ast_feature10"}
+MUSIC_PE_LEN = 300  # length of the music sinusoid table, hard-coded in the original
+
+# Settings a checkpoint carries (model architecture, test-time scoring, losses): the
+# inference tools take them from the checkpoint rather than from the command line.
+MODEL_KEYS = (
+    "dim_input", "video_attention_seqlen", "video_transformer_depth", "audio_transformer_depth",
+    "with_cls_token", "with_act_after_proj", "transformer_is_share", "SA_temporal_heads", "agg_module",
+    "video_encoder_type", "audio_encoder_type", "temperature_init_value",
+    "vmr_fusion", "vmr_loss", "dual_single_loss_weight", "fusion_mask", "mml_fusion", "mml_localization",
+    "moment_query_type", "span_loss_type", "fb_label", "detr_dropout", "detr_nheads", "detr_dim_feedforward",
+    "detr_enc_layers", "detr_dec_layers", "detr_pre_norm", "num_moment_queries", "decoder_SA",
+    "predict_center", "l1_loss", "aux_loss", "contrastive_align_loss", "moment_loss", "audio_short_cut",
+    "contrastive_dim", "position_embedding", "ret_loss_weight", "loc_loss_weight", "max_m_duration", "stride",
+    "temporal_dropout", "residual_from_input", "separate_positions", "decoder_SA_fix", "mask_same_music",
+    "train_query_pos",
+)
+
+
+# ------------------------------------------------------------------ argument types
+def flag01(text: str) -> int:
+    """0/1 switch; also accepts true/false/yes/no (fixes the original's type=bool pitfall)."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return 1
+    if value in ("0", "false", "no", "n", "off"):
+        return 0
+    raise argparse.ArgumentTypeError(f"expected 0/1 (or true/false), got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = _number(text, float)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A dropout rate in [0, 1)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text!r}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and value != value:  # NaN
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------ parser
+def get_parser(mode: str = "train") -> argparse.ArgumentParser:
+    """All flags of the original (section 8) plus this project's; `mode` is "train" or "test"."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    train = mode == "train"
+    p = argparse.ArgumentParser(
+        description=f"MaDe {mode} (MGSV). Defaults reproduce the paper configuration.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("base")
+    g.add_argument("--name", default="MaDe", help="run name (output folder <output_dir>/<train_data>/<MMDD>+<name>)")
+    g.add_argument("--output_dir", default="./logs")
+    g.add_argument("--load_uni_model_path", default="",
+                   help="checkpoint file (ours or the authors') or training folder to evaluate")
+    g.add_argument("--resume_path", default=None, help="(original flag, load-only; unused here: see --resume)")
+
+    g = p.add_argument_group("data")
+    for name in ("data", "train_data", "val_data", "test_data"):
+        g.add_argument(f"--{name}", default="kuai50k", help="dataset key ('_uni' is appended, as the original)")
+    g.add_argument("--train_csv", default="./dataset/MGSV-EC/train_data.csv")
+    g.add_argument("--val_csv", default="./dataset/MGSV-EC/val_data.csv")
+    g.add_argument("--test_csv", default="./dataset/MGSV-EC/test_data.csv")
+    g.add_argument("--image_resolution", type=positive_int, default=224, help="(unused in feature mode)")
+    g.add_argument("--max_v_frames", type=positive_int, default=50, help="frame slots per video")
+    g.add_argument("--max_m_duration", type=positive_float, default=240.0,
+                   help="seconds; spans are normalised by it and snippets = max_m_duration / stride")
+    g.add_argument("--stride", type=float, default=2.5, help="seconds between music windows: 2.5, 5, 7.5 or 10")
+    g.add_argument("--filter", type=positive_float, default=10.0, help="music window length, seconds (raw path only)")
+    g.add_argument("--padding", type=nonneg_float, default=0.0, help="window margin, seconds (raw path only)")
+    g.add_argument("--toph_moment", type=positive_int, default=1, help="moments kept per video")
+    g.add_argument("--gt_moment_num", type=positive_int, default=1, help="(unused, as in the original)")
+    g.add_argument("--skip_bad_rows", action="store_true", help="skip malformed CSV rows instead of stopping")
+    g.add_argument("--use_packed", type=flag01, default=1, help="use the packed feature store when present")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone_type", default="transf+detr", choices=["baseline", "transf+detr"], help="(unused)")
+    g.add_argument("--dim_input", type=positive_int, default=256, help="model width d")
+    g.add_argument("--frozen_feature_path", default="./features/Kuai_feature")
+    g.add_argument("--video_encoder_type", default="ViT", choices=["ViT", "ViViT"])
+    g.add_argument("--audio_encoder_type", default="AST", choices=["MERT", "AST", "DeepSim"])
+    g.add_argument("--temperature_init_value", type=positive_float, default=0.03,
+                   help="initial InfoNCE temperature (logit scale = ln(1/T), learnable)")
+
+    g = p.add_argument_group("temporal encoders")
+    g.add_argument("--video_attention_seqlen", type=positive_int, default=250, help="video positional table length")
+    g.add_argument("--video_transformer_depth", type=nonneg_int, default=1)
+    g.add_argument("--audio_transformer_depth", type=nonneg_int, default=1)
+    g.add_argument("--with_cls_token", type=flag01, default=0)
+    g.add_argument("--with_last_token", type=flag01, default=0, help="(no effect, as in the original)")
+    g.add_argument("--with_act_after_proj", type=flag01, default=0, help="QuickGELU after the input projection")
+    g.add_argument("--transformer_is_share", type=flag01, default=0, help="one temporal transformer for both")
+    g.add_argument("--projection_is_share", type=flag01, default=0, help="(unused, as in the original)")
+    g.add_argument("--SA_temporal_heads", type=positive_int, default=8)
+    g.add_argument("--agg_module", default="transf", choices=["None", "transf", "mlp"])
+    g.add_argument("--downup_is_share", type=flag01, default=0, help="(unused, as in the original)")
+    g.add_argument("--downup_dim", type=positive_int, default=64, help="(unused, as in the original)")
+
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--vmr_fusion", default="XA-music",
+                   choices=["NO", "XA", "XA-video", "XA-music", "XA-video-music", "XA-music-video"])
+    g.add_argument("--vmr_loss", default="dual_single_loss_fuse",
+                   choices=["dual", "single", "dual_single", "dual_single_oneloss", "dual_single_sim_fuse",
+                            "dual_single_loss_fuse", "dual_single_feature_fuse"])
+    g.add_argument("--dual_single_loss_weight", type=nonneg_float, default=1.0,
+                   help="retrieval loss weight (ignored by dual_single_loss_fuse, as in the original)")
+    g.add_argument("--fusion_mask", type=flag01, default=1, help="mask padded snippets in X-Pool")
+    g.add_argument("--distance_type", default="COS", choices=["COS", "L2"])
+
+    g = p.add_argument_group("moment detection")
+    g.add_argument("--mml_fusion", default="concat", choices=["CA", "concat", "add"])
+    g.add_argument("--mml_localization", default="detr", choices=["detr", "regression"])
+    g.add_argument("--hidden_dim", type=positive_int, default=256, help="(overwritten by --dim_input)")
+    g.add_argument("--moment_query_type", default="video", choices=["video", "xpool", "music", "random", "zero"])
+    g.add_argument("--span_loss_type", default="l1", choices=["l1", "ce"])
+    g.add_argument("--fb_label", default="01", choices=["01", "10"], help="01: class 0 is foreground")
+    g.add_argument("--detr_hidden_dim", type=positive_int, default=256, help="(overwritten by --dim_input)")
+    g.add_argument("--detr_dropout", type=probability, default=0.1)
+    g.add_argument("--detr_nheads", type=positive_int, default=8)
+    g.add_argument("--detr_dim_feedforward", type=positive_int, default=1024)
+    g.add_argument("--detr_enc_layers", type=nonneg_int, default=2)
+    g.add_argument("--detr_dec_layers", type=positive_int, default=6)
+    g.add_argument("--detr_pre_norm", type=flag01, default=0, help="0/1 (the original's type=bool is fixed)")
+    g.add_argument("--num_moment_queries", type=positive_int, default=1)
+    g.add_argument("--decoder_SA", type=flag01, default=0,
+                   help="decoder self-attention; only a parse-time check in the original (see --decoder_SA_fix)")
+    g.add_argument("--predict_center", type=flag01, default=0, help="predict the centre only; width = video length")
+    g.add_argument("--reg_mlp_num_layers", type=positive_int, default=3, help="(unused, as in the original)")
+
+    g = p.add_argument_group("losses")
+    g.add_argument("--l1_loss", type=flag01, default=1)
+    g.add_argument("--aux_loss", type=flag01, default=1, help="losses on every decoder layer")
+    g.add_argument("--contrastive_align_loss", type=flag01, default=1)
+    g.add_argument("--moment_loss", type=flag01, default=0)
+    g.add_argument("--audio_short_cut", type=flag01, default=0)
+    g.add_argument("--contrastive_dim", type=positive_int, default=256)
+    g.add_argument("--position_embedding", default="sine", choices=["sine", "learned"])
+    g.add_argument("--input_dropout", type=probability, default=0.5, help="(unused, as in the original)")
+    g.add_argument("--ret_loss_weight", type=nonneg_float, default=1.0)
+    g.add_argument("--loc_loss_weight", type=nonneg_float, default=1.0)
+    g.add_argument("--ignore_same_music", type=flag01, default=1,
+                   help="(no effect, as in the original; see --mask_same_music)")
+
+    g = p.add_argument_group("fidelity fixes (default: the original's behaviour; see model/DIFFERENCES.md)")
+    g.add_argument("--train_query_pos", type=flag01, default=0,
+                   help="1: optimise the decoder's positional query (frozen at its random init in the original)")
+    g.add_argument("--decoder_SA_fix", type=flag01, default=0,
+                   help="1: honour --decoder_SA (the original always runs decoder self-attention)")
+    g.add_argument("--temporal_dropout", type=probability, default=0.8,
+                   help="dropout of the temporal self-attention layers (0.8 in the original)")
+    g.add_argument("--residual_from_input", type=flag01, default=0,
+                   help="1: standard pre-norm residuals in the temporal layers (original: from the normalised input)")
+    g.add_argument("--separate_positions", type=flag01, default=0,
+                   help="1: DETR sine positions per modality (original: over the concatenated mask)")
+    g.add_argument("--mask_same_music", type=flag01, default=0,
+                   help="1: other videos of the same track are not negatives in the retrieval loss")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--do_train", action=argparse.BooleanOptionalAction, default=train)
+    g.add_argument("--do_eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate (train: on --val_csv every epoch)")
+    g.add_argument("--start_epoch", type=nonneg_int, default=0)
+    g.add_argument("--epochs", type=positive_int, default=100)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--batch_size_train", type=positive_int, default=512)
+    g.add_argument("--batch_size_val", type=positive_int, default=40)
+    g.add_argument("--num_workers", type=nonneg_int, default=32, help="data loader workers (capped at the CPU count)")
+    g.add_argument("--world_size", type=nonneg_int, default=0, help="(set from the process group)")
+    g.add_argument("--rank", type=nonneg_int, default=0, help="(set from the process group)")
+    g.add_argument("--local_rank", type=nonneg_int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (CUDA only)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--overwrite", action="store_true", help="allow writing into an existing run/output folder")
+    g.add_argument("--eval_chunk", type=nonneg_int, default=0,
+                   help="videos per chunk of the exact all-pairs retrieval scoring (0 = automatic)")
+    g.add_argument("--metrics_json", default=None, help="also write the final metrics to this JSON file")
+
+    g = p.add_argument_group("display")
+    g.add_argument("--num_display", type=positive_int, default=10)
+    g.add_argument("--tb_writer", type=flag01, default=1)
+    g.add_argument("--save_model", type=flag01, default=1 if train else 0)
+    g.add_argument("--save_json", type=flag01, default=0, help="write per-video predictions (test)")
+
+    if train:
+        g = p.add_argument_group("optimisation")
+        g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="(unused, as in the original)")
+        g.add_argument("--matching_lr", type=positive_float, default=3e-4, help="temporal + matching groups")
+        g.add_argument("--detection_lr", type=positive_float, default=3e-4)
+        g.add_argument("--decay_rate", type=positive_float, default=0.9, help="exponential scheduler only")
+        g.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="clipped per parameter group")
+        g.add_argument("--scheduler", default="warmupcosine",
+                       choices=["warmupcosine", "warmuplinear", "warmupconstant", "constant", "exponential"])
+        g.add_argument("--lr_update_rate", type=positive_int, default=40,
+                       help="steps per update (forced to 1 unless exponential, as in the original)")
+        g.add_argument("--warmup_rate", type=unit_interval, default=0.02)
+        g.add_argument("--resume", default=None, help="continue a run from its pytorch_model.bin.last (or run folder)")
+    else:
+        g = p.add_argument_group("test")
+        g.add_argument("--test_best", type=flag01, default=1,
+                       help="evaluate the best checkpoints found in --load_uni_model_path")
+    return p
+
+
+# ------------------------------------------------------------------ validation
+def _unsupported(args: argparse.Namespace) -> list[str]:
+    """Messages for choices that crash in the original or are not reproduced here."""
+    errors = []
+
+    def bad(condition: bool, message: str) -> None:
+        if condition:
+            errors.append(message)
+
+    bad(args.stride not in STRIDE_DIRS,
+        f"--stride {args.stride}: must be one of 2.5, 5, 7.5, 10 (the feature folders that exist; "
+        "the original raises KeyError)")
+    # Crashes of the original (reference 7.19).
+    bad(args.mml_fusion == "add", "--mml_fusion add has no forward branch in the original (crash); use concat")
+    bad(args.vmr_loss in ("dual_single", "dual_single_oneloss"),
+        f"--vmr_loss {args.vmr_loss} raises ValueError in the original's forward; use dual_single_loss_fuse, "
+        "dual_single_sim_fuse, dual_single_feature_fuse, dual or single")
+    bad(args.vmr_fusion == "XA", "--vmr_fusion XA builds no pooling module in the original (crash); use XA-music")
+    bad(args.span_loss_type == "ce", "--span_loss_type ce crashes in the original's matcher; use l1")
+    bad(args.position_embedding == "learned", "--position_embedding learned raises in the original; use sine")
+    bad(args.moment_loss and not args.contrastive_align_loss,
+        "--moment_loss 1 with --contrastive_align_loss 0 crashes in the original (no proj_queries)")
+    # The original's own parse-time checks.
+    bad(args.vmr_fusion.startswith("XA") and "single" not in args.vmr_loss,
+        f"--vmr_fusion {args.vmr_fusion} needs a vmr_loss with a single-tower term (not {args.vmr_loss}); "
+        "use --vmr_fusion NO with --vmr_loss dual")
+    bad(args.num_moment_queries > 1 and not args.decoder_SA,
+        "--num_moment_queries > 1 needs --decoder_SA 1 (the original's check)")
+    bad(bool(args.audio_short_cut) and not (args.moment_loss or args.contrastive_align_loss),
+        "--audio_short_cut 1 needs --moment_loss 1 or --contrastive_align_loss 1 (the original's check)")
+    # Working in the original but not reproduced (behaviour not specified well enough).
+    bad(args.vmr_fusion in ("XA-video", "XA-video-music", "XA-music-video"),
+        f"--vmr_fusion {args.vmr_fusion} (music-guided video pooling) is not supported; use XA-music or NO")
+    bad(args.vmr_fusion == "NO" and "single" in args.vmr_loss,
+        f"--vmr_loss {args.vmr_loss} needs the X-Pool module: use --vmr_fusion XA-music")
+    bad(args.mml_fusion == "CA", "--mml_fusion CA (cross-attention fusion) is not supported; use concat")
+    bad(args.agg_module == "mlp", "--agg_module mlp is not supported; use transf or None")
+    bad(args.video_encoder_type != "ViT" or args.audio_encoder_type != "AST",
+        "only --video_encoder_type ViT and --audio_encoder_type AST features are supported")
+    bad(args.distance_type == "L2",
+        "--distance_type L2 ranks distances in descending order in the original (wrong); use COS")
+    bad(bool(args.moment_loss), "--moment_loss 1 is not supported")
+    bad(bool(args.audio_short_cut), "--audio_short_cut 1 is not supported")
+    bad(not args.l1_loss, "--l1_loss 0 is not supported (the span losses are the detector's training signal)")
+    bad(args.moment_query_type == "xpool" and args.vmr_fusion != "XA-music",
+        "--moment_query_type xpool needs --vmr_fusion XA-music")
+    bad(args.mml_localization == "regression" and args.num_moment_queries != 1,
+        "--mml_localization regression predicts one moment: use --num_moment_queries 1")
+    # Sizes.
+    bad(args.dim_input % 2 != 0, f"--dim_input {args.dim_input}: must be even (sine positions)")
+    bad(args.dim_input % args.SA_temporal_heads != 0,
+        f"--dim_input {args.dim_input} must be divisible by --SA_temporal_heads {args.SA_temporal_heads}")
+    bad(args.dim_input % args.detr_nheads != 0,
+        f"--dim_input {args.dim_input} must be divisible by --detr_nheads {args.detr_nheads}")
+    bad(args.agg_module == "transf" and (args.video_transformer_depth < 1 or args.audio_transformer_depth < 1),
+        "--agg_module transf needs --video_transformer_depth and --audio_transformer_depth >= 1")
+    bad(args.agg_module == "transf" and args.max_v_frames > args.video_attention_seqlen,
+        f"--max_v_frames {args.max_v_frames} exceeds the video positional table (--video_attention_seqlen "
+        f"{args.video_attention_seqlen})")
+    if args.stride in STRIDE_DIRS:
+        snippets = int(args.max_m_duration / args.stride)
+        bad(snippets < 1, f"--max_m_duration {args.max_m_duration} is shorter than one --stride")
+        bad(args.agg_module == "transf" and snippets > MUSIC_PE_LEN,
+            f"--max_m_duration / --stride = {snippets} snippets exceeds the music positional table ({MUSIC_PE_LEN})")
+    bad(args.with_cls_token and args.agg_module != "transf", "--with_cls_token 1 needs --agg_module transf")
+    bad(args.transformer_is_share and args.video_transformer_depth != args.audio_transformer_depth,
+        "--transformer_is_share 1 needs equal video/audio transformer depths")
+    return errors
+
+
+def _derive(args: argparse.Namespace) -> None:
+    """Fields the original's parse_option fills in."""
+    for name in ("train_data", "val_data", "test_data"):
+        value = getattr(args, name)
+        if not value.endswith("_uni"):
+            setattr(args, name, value + "_uni")
+    args.max_snippet_num = int(args.max_m_duration / args.stride)
+    if "transf" not in args.agg_module:
+        args.video_transformer_depth = args.audio_transformer_depth = 0
+    args.hidden_dim = args.detr_hidden_dim = args.dim_input
+    args.music_frozen_feature_path = os.path.join(args.frozen_feature_path, STRIDE_DIRS[args.stride])
+    args.frame_frozen_feature_path = os.path.join(args.frozen_feature_path, "vit_feature1")
+
+
+def parse_args(argv: Sequence[str] | None = None, mode: str = "train") -> argparse.Namespace:
+    """Parse, validate (parser.error with a clear message) and derive; argv None = sys.argv."""
+    parser = get_parser(mode)
+    args = parser.parse_args(argv)
+    args.stride = float(args.stride)
+    errors = _unsupported(args)
+    if errors:
+        parser.error("\n  ".join(["unsupported option combination:"] + errors))
+    _derive(args)
+    args.mode = mode
+    return args
