@@ -82,6 +82,7 @@ STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 AUTO_SHORTLIST_ABOVE = 20_000
 AUTO_SHORTLIST_K = 1000
 DETECT_CHUNK = 256       # (video, track) pairs per detector call
+FP16_MAX = 65504.0
 
 
 class GroundingError(ValueError):
@@ -348,6 +349,22 @@ def _masked_offset() -> float:
     return float(_MASKED)
 
 
+def _keys_for_storage(keys_t: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float16 cannot hold the keys' mask offset (-1e30): store -inf there, restored on reading."""
+    if dtype != np.float16:
+        return keys_t
+    keys_t = keys_t.copy()
+    keys_t[:, -1] = np.where(keys_t[:, -1] < 0, -np.inf, 0.0)
+    return keys_t
+
+
+def _keys_from_storage(keys_t: torch.Tensor, stored: np.dtype) -> torch.Tensor:
+    """Undo _keys_for_storage (on a float32 copy). -inf would give 0 * -inf = NaN in the scorer."""
+    if stored != np.float32:
+        keys_t[:, -1].clamp_(min=_masked_offset())
+    return keys_t
+
+
 class _Appender:
     """Appends rows to a raw binary file; shape and dtype go to the manifest (np.memmap reads it)."""
 
@@ -357,6 +374,8 @@ class _Appender:
 
     def add(self, a: np.ndarray) -> int:
         """Write rows; returns the row index of the first one."""
+        if self.dtype == np.float16 and np.abs(a[np.isfinite(a)]).max(initial=0.0) > FP16_MAX:
+            raise GroundingError(f"{self.path.name}: values exceed the float16 range; build with --dtype float32")
         a = np.ascontiguousarray(a, dtype=self.dtype)
         if self.row_shape is None:
             self.row_shape = a.shape[1:]
@@ -382,9 +401,9 @@ def _open_raw(folder: Path, info: dict) -> np.ndarray:
 
 
 def _to_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(a) if a.dtype == np.float32 and a.flags.writeable else \
-        torch.from_numpy(np.array(a, dtype=np.float32))
-    return t.to(device)
+    """float32 tensor of a memory-mapped slice: no copy for float32; torch converts float16 (fast)."""
+    t = torch.from_numpy(a) if a.flags.writeable else torch.from_numpy(np.array(a))
+    return t.to(device=device, dtype=torch.float32)
 
 
 class _TrackStore:
@@ -498,7 +517,7 @@ def _write_xpool(gm: GroundingModel, staging: Path, store: _TrackStore, dtype: n
         for blk in index.blocks:
             cols = blk.columns.cpu().numpy()
             nb = len(cols)
-            key_start = keys.add(blk.keys.T.float().cpu().numpy())
+            key_start = keys.add(_keys_for_storage(blk.keys.T.float().cpu().numpy(), dtype))
             gram_start = gram.add(blk.gram.float().cpu().numpy().reshape(-1))
             blocks.append((first, nb, blk.length, key_start, gram_start))
             rows_in_block_order.append(group[cols])
@@ -721,7 +740,7 @@ class _StoredBlocks:
         from model.xpool import IndexBlock
         lib, dev = self.library, self.device
         for first, nb, lb, key_start, gram_start in lib.blocks.tolist():
-            keys = _to_tensor(lib.keys[key_start: key_start + nb * lb], dev).T   # [d+1, nb*lb]
+            keys = _keys_from_storage(_to_tensor(lib.keys[key_start: key_start + nb * lb], dev), lib.keys.dtype).T
             gram = _to_tensor(lib.gram[gram_start: gram_start + nb * lb * (3 * lb + 7)], dev)
             consts = _to_tensor(lib.block_consts[first: first + nb], dev)
             cols = torch.from_numpy(lib.block_rows[first: first + nb]).to(dev)
@@ -758,6 +777,7 @@ def select_tracks(library: MusicLibrary, rows: np.ndarray, device: torch.device)
     keys = np.zeros((k * length, d1), dtype=np.float32)
     keys[:, -1] = _masked_offset()
     keys[key_dst] = library.keys[key_src]
+    _keys_from_storage(torch.from_numpy(keys), library.keys.dtype)   # in place: -inf -> the mask offset
     # gram: [Lb, 3*Lb+7] -> [length, 3*length+7]; Gram sub-block s column c -> s*length + c.
     gram = np.zeros((k, length, 3 * length + 7), dtype=np.float32)
     for t in range(k):  # one slice per track: ~28k values each, numpy copies them in bulk
