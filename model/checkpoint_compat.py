@@ -99,10 +99,11 @@ def _listing(keys: list[str], limit: int = 12) -> str:
 def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
     """Raise CheckpointMismatchError listing missing keys, unexpected keys and shape mismatches."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}"
-                    for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+    # Model order (inputs first) reads better than alphabetical order.
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(v.shape)}"
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
@@ -112,7 +113,8 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
         problems.append(f"{len(shapes)} shape mismatch(es): {_listing(shapes, 8)}")
     if problems:
         raise CheckpointMismatchError(
-            "the checkpoint was made for another model configuration:\n  " + "\n  ".join(problems))
+            "the checkpoint was made for another model configuration (keys in this model's naming):\n  "
+            + "\n  ".join(problems))
 
 
 def load_state_dict_any(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
