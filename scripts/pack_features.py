@@ -30,8 +30,8 @@ from utils.features import (FeatureError, Modality, music_modality, open_packed,
                             pack_modality, video_modality)
 
 
-def pack(root: str | Path, stride: float = 2.5, fp16: bool = False, modalities: tuple[str, ...] = ("video", "music"),
-         max_m_duration: float = 240.0, num_frames: int = 50, force: bool = False,
+def pack(root: str | Path, stride: float = 2.5, fp16: bool = False,
+         modalities: tuple[str, ...] = ("video", "music"), max_m_duration: float = 240.0, num_frames: int = 50, force: bool = False,
          progress: bool = True) -> dict[str, dict]:
     """Pack the requested modalities of `root`; return {modality: manifest}."""
     targets: dict[str, Modality] = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -210,7 +211,8 @@ def test_packed_equals_per_id(demo_data_copy: Path) -> None:
     packed, per_id = FeatureStore(root), FeatureStore(root, use_packed=False)
     assert "packed" in packed.backends["video"] and "packed" in packed.backends["music"]
     assert "per-id" in per_id.backends["video"]
-    for a, b in ((packed.videos(videos), per_id.videos(videos)), (packed.musics(musics), per_id.musics(musics))):
+    pairs = ((packed.videos(videos), per_id.videos(videos)), (packed.musics(musics), per_id.musics(musics)))
+    for a, b in pairs:
         assert a[0].dtype == torch.float32 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # Duplicated ids in a batch (many rows share a track) and single-id access.
     dup = [musics[3], musics[0], musics[3]]
@@ -260,7 +262,6 @@ def test_packed_store_used_when_per_id_files_removed(demo_data_copy: Path) -> No
     videos, musics = all_ids(demo_data_copy)
     before = FeatureStore(root, use_packed=False).musics(musics)
     pack_modality(music_modality(root), progress=False)
-    import shutil
     shutil.rmtree(root / "ast_feature2p5")
     store = FeatureStore(root)
     assert "packed" in store.backends["music"]

@@ -155,8 +155,9 @@ def validate_pair(feat: Any, mask: Any, modality: Modality, feat_path: Path,
     if mask.dtype.is_complex:
         raise FeatureError(f"{mask_path}: complex mask dtype {mask.dtype}; expected 0/1 values. {fix}")
     m = mask.detach().to(torch.float32).numpy()
-    if not np.isin(m, (0.0, 1.0)).all():
-        bad = m[~np.isin(m, (0.0, 1.0))][:3].tolist()
+    binary = (m == 0.0) | (m == 1.0)
+    if not binary.all():
+        bad = m[~binary][:3].tolist()
         raise FeatureError(f"{mask_path}: mask values must be 0 or 1, found {bad}. {fix}")
     valid = m == 1.0
     if not valid.any():
