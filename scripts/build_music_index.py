@@ -41,11 +41,14 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.grounding import build_index, load_model, open_index
+    from utils.grounding import build_index, check_out_folder, load_model, open_index, read_music_ids
     args = get_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ValueError("--batch_size must be >= 1")
     t0 = time.time()
+    # Cheap checks first, so bad input fails before the model loads.
+    read_music_ids(args.music_ids)
+    check_out_folder(Path(args.out), args.overwrite)
     gm = load_model(args.load_uni_model_path, args.device)
     if args.stride is not None and args.stride != gm.stride:
         print(f"warning: --stride {args.stride:g} differs from the checkpoint's {gm.stride:g}", file=sys.stderr)
@@ -61,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from utils.annotations import AnnotationError
+def run(argv: list[str] | None = None) -> int:
+    """main() with bad input reported as one line on stderr and exit status 2 (no traceback)."""
     from utils.checkpoint import CheckpointError
     from utils.grounding import GroundingError
     try:
-        sys.exit(main())
-    except (GroundingError, CheckpointError, AnnotationError, ValueError, FileNotFoundError) as e:
+        return main(argv)
+    except (GroundingError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())

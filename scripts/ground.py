@@ -76,14 +76,18 @@ def plot_paths(base: str, video_ids: list[str], limit: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.grounding import format_results, ground, load_model, open_index, plot_result
+    from utils.grounding import (check_index_matches, format_results, ground, load_model, open_index,
+                                 plot_result)
     from utils.io import atomic_write_json
     args = get_parser().parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError("--topk and --batch_size must be >= 1")
+    # Cheap checks first (index folder, query files), so bad input fails before the model loads.
+    library = open_index(args.index)
+    num_frames = int(library.manifest.get("config", {}).get("max_v_frames", 50))
+    queries = load_queries(args, num_frames)
     gm = load_model(args.load_uni_model_path, args.device)
-    library = open_index(args.index, gm)
-    queries = load_queries(args, gm.num_frames)
+    check_index_matches(library.manifest, gm, args.index)
     t0 = time.time()
     results = ground(gm, library, queries.feats, queries.masks, topk=args.topk,
                      shortlist_k=None if args.shortlist < 0 else args.shortlist, batch_size=args.batch_size,
@@ -98,17 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json([r.to_json() for r in results], args.out)
         print(f"results written to {args.out}")
     if args.plot:
-        for r, path in zip(results, plot_paths(args.plot, [r.video_id for r in results], args.plot_max)):
+        paths = plot_paths(args.plot, [r.video_id for r in results], args.plot_max)
+        for r, path in zip(results, paths):
             plot_result(r, path, gm.max_m_duration)
-        print(f"plot(s) written to {args.plot if len(results) == 1 else Path(args.plot).parent}")
+        print(f"{len(paths)} plot(s) written: {paths[0]}{' ...' if len(paths) > 1 else ''}")
     return 0
 
 
-if __name__ == "__main__":
+def run(argv: list[str] | None = None) -> int:
+    """main() with bad input reported as one line on stderr and exit status 2 (no traceback)."""
     from utils.checkpoint import CheckpointError
     from utils.grounding import GroundingError
     try:
-        sys.exit(main())
+        return main(argv)
     except (GroundingError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -144,10 +144,9 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
     args = parse_args([], mode="test")
     adopt_checkpoint_config(args, state)
     cfg = state.get("config") or {}
-    # Data-side settings the tools need besides the model-defining ones (stride of the index).
-    for key in ("stride", "max_m_duration", "max_v_frames"):
-        if key in cfg and hasattr(args, key):
-            setattr(args, key, cfg[key])
+    # The frame slots are a data setting (not in MODEL_KEYS) that the video input needs too.
+    if "max_v_frames" in cfg:
+        args.max_v_frames = int(cfg["max_v_frames"])
     dev = resolve_device(device)
     model = build_model(args)
     load_model_weights(model, state, checkpoint)
@@ -459,7 +458,8 @@ def encode_tracks(gm: GroundingModel, music_feats: torch.Tensor,
     return m, tokens, mask
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """An existing index is replaced only with overwrite; anything else there is never touched."""
     if not out.exists():
         return
     if not overwrite:
@@ -545,7 +545,7 @@ def write_index(gm: GroundingModel, music_ids: Sequence[str],
     if dtype not in STORE_DTYPES:
         raise GroundingError(f"--dtype {dtype}: expected one of {', '.join(STORE_DTYPES)}")
     out = Path(out)
-    _prepare_out(out, overwrite)
+    check_out_folder(out, overwrite)
     ids = list(music_ids)
     if len(set(ids)) != len(ids):
         raise GroundingError("music ids must be unique in an index")
@@ -1018,7 +1018,8 @@ def format_results(results: Sequence[QueryResult]) -> str:
         lines.append(f"video {r.video_id}  [{r.mode}]")
         lines.append(f"  {'rank':>4}  {'music_id':<24} {'score':>8} {'start':>8} {'end':>8} {'conf':>6} {'track':>7}")
         for t in r.tracks:
-            mark = "  <- ground truth" if r.gt is not None and t.music_id == r.gt.music_id else ""
+            mark = "  past the track end" if t.start > t.end else ""
+            mark += "  <- ground truth" if r.gt is not None and t.music_id == r.gt.music_id else ""
             lines.append(f"  {t.rank:>4}  {t.music_id:<24} {t.score:>8.4f} {t.start:>7.2f}s {t.end:>7.2f}s "
                          f"{t.confidence:>6.3f} {t.duration:>6.1f}s{mark}")
         g = r.gt
@@ -1036,8 +1037,12 @@ def format_results(results: Sequence[QueryResult]) -> str:
 
 
 def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: float = 240.0) -> Path:
-    """One horizontal timeline per returned track (length = track duration), predicted moment
-    shaded, ground-truth moment hatched on the GT track, score and confidence labelled."""
+    """A picture of one query against its top tracks, written atomically as PNG.
+
+    One horizontal timeline per returned track (length = track duration), the predicted moment
+    shaded, the ground-truth moment hatched on the ground-truth track (drawn as an extra last
+    row when it is not among the top tracks), score and confidence in a column on the right.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1048,36 +1053,38 @@ def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: fl
     show_gt_row = gt is not None and gt.in_library and gt.pred_start is not None \
         and all(t.music_id != gt.music_id for t in tracks)
     n_rows = len(tracks) + int(show_gt_row)
-    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.55 * n_rows))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.5 * n_rows))
+    label_x = max_m_duration + 4
     labels = []
     for y, t in enumerate(tracks):
         is_gt = gt is not None and t.music_id == gt.music_id
-        _draw_track(ax, y, t.duration, t.start, t.end, gt if is_gt else None)
-        ax.text(min(t.duration, max_m_duration) + 2, y, f"score {t.score:.3f}   conf {t.confidence:.2f}",
-                va="center", fontsize=8)
+        _draw_track(ax, y, t.duration, t.start, t.end, gt if is_gt else None, max_m_duration)
+        ax.text(label_x, y, f"score {t.score:.3f}  conf {t.confidence:.2f}", va="center", fontsize=8)
         labels.append(f"#{t.rank} {t.music_id}" + ("  (GT)" if is_gt else ""))
     if show_gt_row:  # the GT track is outside the top-k: drawn below them, for comparison
         y = len(tracks)
-        _draw_track(ax, y, gt.duration, gt.pred_start, gt.pred_end, gt)
+        _draw_track(ax, y, gt.duration, gt.pred_start, gt.pred_end, gt, max_m_duration)
         rank = f"rank {gt.rank}" if gt.rank is not None else "not shortlisted"
-        ax.text(min(gt.duration, max_m_duration) + 2, y, f"conf {gt.confidence:.2f}   ({rank})",
-                va="center", fontsize=8)
+        ax.text(label_x, y, f"{rank}  conf {gt.confidence:.2f}", va="center", fontsize=8)
         labels.append(f"GT {gt.music_id}")
+        ax.axhline(len(tracks) - 0.5, color="#999999", linewidth=0.6, linestyle=":")
     ax.set_yticks(range(n_rows), labels, fontsize=8)
     ax.set_ylim(n_rows - 0.5, -0.5)
-    ax.set_xlim(0, max_m_duration + 45)
+    ax.set_xlim(0, max_m_duration + 62)
     ax.set_xticks(np.arange(0, max_m_duration + 1, 30))
     ax.set_xlabel("time in track (s)")
     ax.set_title(f"video {result.video_id}: top {len(tracks)} tracks [{result.mode}]", fontsize=10)
-    handles = [Patch(facecolor="#dddddd", label="track"), Patch(facecolor="#1f77b4", alpha=0.8, label="predicted moment")]
+    handles = [Patch(facecolor="#dddddd", edgecolor="#999999", label="track"),
+               Patch(facecolor="#1f77b4", alpha=0.8, label="predicted moment")]
     if gt is not None and gt.start is not None:
         handles.append(Patch(facecolor="none", edgecolor="#d62728", hatch="///", label="ground-truth moment"))
-    ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.9)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1 + 0.3 * n_rows)),
+              ncol=len(handles), fontsize=8, frameon=False)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     path = Path(path)
     with atomic_open(path, "wb") as f:
@@ -1085,12 +1092,15 @@ def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: fl
     return path
 
 
-def _draw_track(ax: Any, y: float, duration: float, start: float, end: float, gt: GroundTruth | None) -> None:
+def _draw_track(ax: Any, y: float, duration: float, start: float, end: float, gt: GroundTruth | None,
+                max_m_duration: float = 240.0) -> None:
     ax.barh(y, duration, left=0, height=0.5, color="#dddddd", edgecolor="#999999", linewidth=0.6)
     if end > start:
         ax.barh(y, end - start, left=start, height=0.5, color="#1f77b4", alpha=0.8)
-    else:  # clip_moments keeps start > end for a moment predicted past the end of the track
-        ax.text(duration, y, " moment past track end", va="center", fontsize=7, color="#1f77b4")
+    else:  # clip_moments keeps start > end when the detector's moment lies past the end of the track
+        x = duration + 2 if duration < 0.5 * max_m_duration else 2
+        ax.text(x, y, f"predicted moment starts at {start:.1f} s, past the track end", va="center",
+                fontsize=7, color="#1f77b4")
     if gt is not None and gt.start is not None and gt.end is not None:
         ax.barh(y, gt.end - gt.start, left=gt.start, height=0.5, color="none", edgecolor="#d62728",
                 hatch="///", linewidth=1.2)
