@@ -33,11 +33,13 @@ class CrossAttention(nn.Module):
 
     def forward(self, queries: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
         """queries [Nv, d], tokens [Nm, L, d], mask [Nm, L] or None -> [Nm, Nv, d]."""
-        q = self.q_proj(queries).unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        attn_mask = None if mask is None else (mask > 0)[:, None, :]
-        # One head of width d, so SDPA's default scale 1/sqrt(d) is the original's.
-        out = F.scaled_dot_product_attention(q, self.k_proj(tokens), self.v_proj(tokens), attn_mask=attn_mask)
-        return self.out_proj(out)
+        # [batch = track, head = 1, sequence, d]; one head of width d, so SDPA's default
+        # scale 1/sqrt(d) is the original's.
+        q = self.q_proj(queries).expand(tokens.shape[0], 1, -1, -1)
+        k, v = self.k_proj(tokens).unsqueeze(1), self.v_proj(tokens).unsqueeze(1)
+        attn_mask = None if mask is None else (mask > 0)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(out.squeeze(1))
 
 
 class XPool(nn.Module):
@@ -176,6 +178,12 @@ def _post_pool_maps(xpool: XPool, dtype: torch.dtype) -> _PostPoolMaps:
 def build_music_index(xpool: XPool | None, music_emb: Tensor, snippets: Tensor, mask: Tensor,
                       block_size: int = 16) -> MusicIndex:
     """Encode every track once: music_emb [Nm, d], snippets [Nm, L, d], mask [Nm, L]."""
+    with torch.autocast(music_emb.device.type, enabled=False):  # exact float32 whatever the caller's context
+        return _build_music_index(xpool, music_emb, snippets, mask, block_size)
+
+
+def _build_music_index(xpool: XPool | None, music_emb: Tensor, snippets: Tensor, mask: Tensor,
+                       block_size: int) -> MusicIndex:
     music_emb = F.normalize(music_emb.float(), dim=-1)
     if xpool is None:
         return MusicIndex(music_emb, [])
@@ -212,11 +220,13 @@ def _index_block(maps: _PostPoolMaps, cols: Tensor, s: Tensor, valid: Tensor, m:
     """Gram matrices and constants of one block of tracks (s: LN1 snippets, zero-padded)."""
     nb, blk_len, d = s.shape
     g3sq = maps.g3 ** 2
-    u = s @ maps.w_prime.T + maps.b_prime
-    u = (u - u.mean(-1, keepdim=True)) * valid[..., None]          # C (W' s + b'), valid rows
-    u_bar = u.sum(1) / valid.sum(1, keepdim=True)                   # reference point per track
-    u_t = (u - u_bar[:, None]) * valid[..., None]
-    z_t = u_t @ maps.a_prime.T                                      # A' u~
+    # u_l = C (W' s_l + b') is affine in s_l, so centring u on its valid mean u_bar is centring
+    # s: u_l - u_bar = C W' (s_l - s_bar). One GEMM gives u~ and z~ = A' u~.
+    s_bar = s.sum(1) / valid.sum(1, keepdim=True)
+    cw = maps.w_prime - maps.w_prime.mean(0, keepdim=True)          # C W'
+    both = ((s - s_bar[:, None]) * valid[..., None]) @ torch.cat([cw, maps.a_prime @ cw]).T
+    u_t, z_t = both[..., :d], both[..., d:]                         # u~, A' u~
+    u_bar = s_bar @ cw.T + (maps.b_prime - maps.b_prime.mean())     # C (W' s_bar + b')
     x_bar = u_bar @ maps.a_prime.T                                  # A' u_bar
     g3b3 = maps.g3 * maps.b3
     g3m = maps.g3 * m                                               # [Nb, d]
@@ -229,16 +239,16 @@ def _index_block(maps: _PostPoolMaps, cols: Tensor, s: Tensor, valid: Tensor, m:
         z_t @ g3b3,
         (z_t @ g3m[..., None])[..., 0],
     ], dim=-1)                                                      # [Nb, Lb, 7]
-    gram = torch.cat([u_t @ u_t.transpose(1, 2), z_t @ z_t.transpose(1, 2),
-                      (z_t * g3sq) @ z_t.transpose(1, 2), lin], dim=-1)
+    z_t_t = z_t.transpose(1, 2)
+    gram = torch.cat([u_t @ u_t.transpose(1, 2), z_t @ z_t_t, (z_t * g3sq) @ z_t_t, lin], dim=-1)
     consts = torch.stack([
         (u_bar * u_bar).sum(-1), (x_bar * x_bar).sum(-1), (x_bar * x_bar * g3sq).sum(-1),
         x_bar @ maps.c_prime, x_bar @ (g3sq * maps.c_prime), x_bar @ g3b3, (x_bar * g3m).sum(-1),
         g3m @ maps.c_prime, m @ maps.b3, (m * m).sum(-1),
     ], dim=-1)
     offset = (1.0 - valid) * _MASKED
-    keys = torch.cat([s, offset[..., None]], dim=-1).reshape(nb * blk_len, d + 1).T.contiguous()
-    return IndexBlock(cols, keys, gram.contiguous(), consts, blk_len)
+    keys = torch.cat([s, offset[..., None]], dim=-1).reshape(nb * blk_len, d + 1).T   # a view: GEMM takes it as is
+    return IndexBlock(cols, keys, gram, consts, blk_len)
 
 
 def auto_chunk_size(n_music: int) -> int:
@@ -254,9 +264,14 @@ def score_against_index(xpool: XPool | None, videos: Tensor, index: MusicIndex, 
 
     mode: "dual" (cos(v, m)), "single" (cos(v, P)), "dual+single", or "feature_fuse"
     (cos(v, P + m)). Equals the straightforward XPool forward + cosine (eval mode).
-    chunk_size videos are scored at a time (0 = automatic).
+    chunk_size videos are scored at a time (0 = automatic). index.blocks is iterated once per chunk.
     """
-    videos = videos.float()
+    with torch.autocast(videos.device.type, enabled=False):  # exact float32 whatever the caller's context
+        return _score_against_index(xpool, videos.float(), index, mode, chunk_size)
+
+
+def _score_against_index(xpool: XPool | None, videos: Tensor, index: MusicIndex, mode: str,
+                         chunk_size: int) -> Tensor:
     chunk_size = chunk_size if chunk_size > 0 else auto_chunk_size(index.num_music)
     out = torch.empty(videos.shape[0], index.num_music, dtype=torch.float32, device=videos.device)
     maps = _post_pool_maps(xpool, videos.dtype) if xpool is not None else None
@@ -301,11 +316,11 @@ def _score_chunk(xpool: XPool, maps: _PostPoolMaps, v: Tensor, index: MusicIndex
             raise ValueError(f"the index blocks hold more tracks than its {n_music} music embeddings")
         prod = lhs @ blk.keys                                         # [2c, Nb*Lb]
         a = torch.softmax(prod[:c].view(c, nb, blk_len), dim=-1)
-        lin_v[rows] = (a * prod[c:].view(c, nb, blk_len)).sum(-1).T
+        lin_v[rows] = prod[c:].view(c, nb, blk_len).mul_(a).sum(-1).T   # (in place: no temporaries)
         a_t = a.transpose(0, 1).contiguous()                          # [Nb, c, Lb]
         forms = torch.bmm(a_t, blk.gram)                              # [Nb, c, 3Lb+7]
-        quad[rows] = (forms[..., :3 * blk_len].view(nb, c, 3, blk_len) * a_t[:, :, None, :]).sum(-1)
         lin[rows] = forms[..., 3 * blk_len:]
+        quad[rows] = forms[..., :3 * blk_len].view(nb, c, 3, blk_len).mul_(a_t[:, :, None, :]).sum(-1)
         consts[rows] = blk.consts
         columns.append(blk.columns)
         row += nb

@@ -257,3 +257,23 @@ def test_training_reduces_the_loss():
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert torch.equal(model.decoder_query_embed.weight, query_pos)  # in no optimiser group, as the original
+
+
+def test_bf16_autocast_forward_and_exact_scoring():
+    """Mixed precision reaches the forward and the losses; index/score stay float32 and exact."""
+    args = parse_args(SMALL)
+    torch.manual_seed(0)
+    model, criterion = build_model(args).eval(), build_criterion(args)
+    batch = make_batch(4, 6, 10)
+    with torch.no_grad():
+        reference = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+            loss, _ = criterion(out, batch)
+            index = model.index_music(reference["music_emb"], reference["snippet_tokens"], batch["music_mask"])
+            scores = model.score_videos(reference["video_emb"], index)
+    assert torch.isfinite(loss)
+    assert scores.dtype == torch.float32
+    exact = model.retrieval_score(model.retrieval_similarities(reference["video_emb"], reference["music_emb"],
+                                                               reference["snippet_tokens"], batch["music_mask"]))
+    assert (scores - exact).abs().max() < 1e-5
