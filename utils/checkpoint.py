@@ -93,9 +93,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         # (numbers, strings, RNG state tensors). Only load checkpoints you trust.
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-            "The file is truncated or is not a PyTorch checkpoint.") from None
+            f"cannot read checkpoint {path} ({type(e).__name__}: {detail}): the file is truncated (an "
+            "interrupted download or copy?) or is not a PyTorch checkpoint. Use another checkpoint of the run "
+            "or copy it again.") from None
     if isinstance(state, dict) and "model_state_dict" in state and isinstance(state["model_state_dict"], dict):
         return state
     if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
@@ -103,6 +105,39 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     raise CheckpointError(f"{path} is not a MaDe checkpoint: expected a dict with 'model_state_dict' "
                           f"(found {type(state).__name__}"
                           f"{' with keys ' + ', '.join(map(str, list(state)[:8])) if isinstance(state, dict) else ''}).")
+
+
+RESUME_KEYS = ("optimizer", "scheduler", "global_step", "bests", "best_epochs", "history", "rng")
+
+
+def resume_checkpoint_path(resume: str | os.PathLike) -> Path:
+    """The checkpoint `--resume` means: a run folder's pytorch_model.bin.last, or a file."""
+    path = Path(resume)
+    if path.is_dir():
+        last = path / LAST_NAME
+        if not last.is_file():
+            raise CheckpointError(
+                f"--resume {path}: no {LAST_NAME} in this folder. It is written at the end of every epoch, "
+                "so the run stopped before finishing its first epoch (nothing to resume: start it again "
+                "without --resume, adding --overwrite if the folder holds other run files).")
+        return last
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such run folder or checkpoint file.")
+    return path
+
+
+def load_resume_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint with everything needed to continue training (written by train.py as .last)."""
+    state = load_checkpoint(path)
+    resume = state.get("resume")
+    if not isinstance(resume, dict):
+        raise CheckpointError(f"{path} holds no resume state: only the {LAST_NAME} files written by train.py "
+                              f"do (best_* checkpoints and the authors' files hold weights only).")
+    missing = [k for k in RESUME_KEYS if k not in resume]
+    if missing or not isinstance(state.get("config"), dict) or not isinstance(state.get("epoch"), int):
+        raise CheckpointError(f"{path}: incomplete resume state (missing {missing or 'config/epoch'}); "
+                              "was it written by another version of train.py?")
+    return state
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: str | os.PathLike = "<checkpoint>") -> None:

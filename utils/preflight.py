@@ -1,0 +1,210 @@
+"""Checks that train.py and test.py run before anything heavy: run folders, annotation CSVs,
+the settings of a resumed run, and how the project's own errors are reported.
+
+Nothing here imports torch. A mistyped flag, a bad CSV or a folder that already holds a
+finished run is therefore reported within a second instead of after torch (several seconds
+to import) and the feature store are loaded, and the caller has not created any output
+yet when it fails.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+# Files train.py writes into a run folder. Only these are ever moved by --overwrite.
+RUN_FILE_PATTERNS = ("pytorch_model.bin*", "train_state.json", "events.out.tfevents.*", "*_train.log")
+# A folder holding one of these is a run (finished or resumable) that must not be mixed with a new one.
+RUN_MARKERS = ("pytorch_model.bin*", "train_state.json")
+
+# Settings of a resumed run that may differ from the original command line: they say where
+# the data and outputs are and how the machine runs, not what is trained. Every other
+# setting is taken from the run's checkpoint (see resume_settings).
+RUNTIME_KEYS = frozenset({
+    "device", "amp", "compile", "num_workers", "eval_chunk", "use_packed", "batch_size_val",
+    "train_csv", "val_csv", "test_csv", "frozen_feature_path", "music_frozen_feature_path",
+    "frame_frozen_feature_path", "output_dir", "name", "metrics_json", "load_uni_model_path",
+    "resume", "resume_path", "overwrite", "start_epoch", "num_display", "tb_writer", "save_model",
+    "save_json", "local_rank", "rank", "world_size", "mode",
+})
+
+# (module, class) of the project's input errors: train.py/test.py print their message and
+# exit with status 2 instead of a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ("utils.annotations", "AnnotationError"),
+    ("utils.features", "FeatureError"),
+    ("utils.checkpoint", "CheckpointError"),
+    ("model.checkpoint_compat", "CheckpointMismatchError"),
+    ("model.pretrained", "MissingWeightsError"),
+    ("utils.evaluate", "EvaluationError"),
+    ("utils.preflight", "RunDirError"),
+    ("utils.preflight", "ConfigError"),
+)
+
+
+class RunDirError(ValueError):
+    """The output folder holds a run that would be overwritten, or --resume points nowhere."""
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work with this data or machine (caught before training starts)."""
+
+
+# ------------------------------------------------------------------ errors
+def is_user_error(exc: BaseException) -> bool:
+    """True for the project's own input errors (see USER_ERRORS).
+
+    Looked up in sys.modules rather than imported: a module that was never imported cannot
+    have raised, and importing it here would load torch just to print a message.
+    """
+    for module_name, class_name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+def user_error_message(exc: BaseException) -> str:
+    """The error's own text; for errors re-raised from a DataLoader worker, without the
+    worker's traceback that torch embeds in the message."""
+    text = str(exc)
+    if "Original Traceback (most recent call last)" in text:
+        marker = f"\n{type(exc).__name__}: "
+        if marker in text:
+            text = text[text.rindex(marker) + len(marker):]
+    return text.strip()
+
+
+def report_user_error(exc: BaseException, logger: Any = None) -> None:
+    """One paragraph on stderr (and in the run's log file when one is open)."""
+    message = user_error_message(exc)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if logger is not None:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):  # the console already has it (stderr)
+                handler.handle(record)
+
+
+# ------------------------------------------------------------------ run folders
+def new_run_dir(args: Any) -> Path:
+    """<output_dir>/<train_data>/<MMDD>+<name>, as the original."""
+    return Path(args.output_dir) / args.train_data / f"{time.strftime('%m%d')}+{args.name}"
+
+
+def run_files(run_dir: Path, patterns: Sequence[str] = RUN_FILE_PATTERNS) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    found = {p for pattern in patterns for p in run_dir.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that already holds a run unless --overwrite; creates nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"the run folder {run_dir} exists and is not a folder; choose another --name "
+                          "or --output_dir.")
+    existing = [p.name for p in run_files(run_dir, RUN_MARKERS)]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise RunDirError(
+            f"{run_dir} already holds a run ({shown}). Pass --resume {run_dir} to continue it, "
+            "--overwrite to train again into it (the old run's files are moved into a "
+            "'replaced-<time>' subfolder, nothing is deleted), or choose another --name.")
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """Move the files of an earlier run in `run_dir` (only the names train.py writes) into
+    run_dir/replaced-<time>/, so a new run never mixes with it (an old .best_* file that the
+    new run does not rewrite would otherwise be evaluated as the new run's) and nothing is
+    deleted. Returns the subfolder, or None when there was nothing to move."""
+    files = run_files(run_dir)
+    if not files:
+        return None
+    target = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+    target.mkdir(parents=True)
+    for path in files:
+        os.replace(path, target / path.name)
+    return target
+
+
+# ------------------------------------------------------------------ settings
+def given_flags(argv: Sequence[str], mode: str = "train") -> set[str]:
+    """Destinations of the flags written on the command line (not left at their defaults)."""
+    from utils.options import get_parser
+    parser = get_parser(mode)
+    for action in parser._actions:  # argparse has no public way to ask "was this given?"
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(list(argv))
+    return set(vars(given))
+
+
+def resume_settings(args: Any, saved: dict, given: set[str], source: str) -> list[str]:
+    """Make `args` the resumed run's settings: the checkpoint's values for everything that
+    decides what is trained (so `--resume RUN` alone continues the same run), the command
+    line for RUNTIME_KEYS. A flag given explicitly with another value than the run used is
+    an error, except --epochs (a finished run may be extended; its learning-rate schedule
+    is then recomputed for the new length, so it is not the run a longer --epochs would
+    have given). Returns "key: value" notes for the settings taken from the checkpoint
+    that differ from this command line's defaults.
+    """
+    conflicts, notes = [], []
+    for key, value in saved.items():
+        if key in RUNTIME_KEYS or not hasattr(args, key):
+            continue
+        current = getattr(args, key)
+        if _same(current, value):
+            continue
+        if key in given and key != "epochs":
+            conflicts.append(f"--{key} {current!r} (the run used {value!r})")
+        elif key not in given:
+            notes.append(f"{key}: {value!r}")
+            setattr(args, key, value)
+    if conflicts:
+        raise ConfigError(
+            f"--resume {source}: these flags differ from the settings the run was trained with:\n  "
+            + "\n  ".join(conflicts)
+            + "\nA resumed run continues with its own settings: drop these flags (or start a new run "
+            "with another --name to train with them).")
+    return notes
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else False
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+# ------------------------------------------------------------------ inputs
+def load_split(csv_path: str | os.PathLike, args: Any):
+    """A split's annotations, validated (utils.annotations; pandas only)."""
+    from utils.annotations import load_annotations
+    return load_annotations(csv_path, max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows)
+
+
+def check_batch_size(num_rows: int, batch_size: int, world_size: int, csv_path: str | os.PathLike) -> int:
+    """Per-process batch size; refuses sizes that would run no step (the last batch is dropped)."""
+    per_rank = batch_size // world_size
+    if per_rank < 1 or per_rank * world_size != batch_size:
+        raise ConfigError(f"--batch_size_train {batch_size} must be a positive multiple of the number of "
+                          f"processes ({world_size}).")
+    if num_rows // world_size < per_rank:
+        raise ConfigError(
+            f"--batch_size_train {batch_size} is larger than the training set ({num_rows} rows in {csv_path}"
+            f"{f' over {world_size} processes' if world_size > 1 else ''}); incomplete batches are dropped, "
+            "so no training step would run. Lower --batch_size_train.")
+    return per_rank
