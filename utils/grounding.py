@@ -68,7 +68,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.checkpoint import (CheckpointError, adopt_checkpoint_config, jsonable_config, load_checkpoint,
+from utils.checkpoint import (adopt_checkpoint_config, jsonable_config, load_checkpoint,
                               load_model_weights, unwrap)
 from utils.engine import foreground_index, spans_to_seconds, top_moment
 from utils.io import atomic_open, atomic_save_npy, atomic_write_json
@@ -396,7 +396,8 @@ def _open_raw(folder: Path, info: dict) -> np.ndarray:
     if shape[0] == 0:
         return np.zeros(shape, dtype=info["dtype"])
     # mode "c" (copy-on-write): torch.from_numpy accepts it without a copy or a read-only warning.
-    return np.memmap(folder / info["file"], dtype=info["dtype"], mode="c", shape=shape)
+    # A plain ndarray view: np.memmap's per-slice Python overhead dominates gathering K tracks.
+    return np.memmap(folder / info["file"], dtype=info["dtype"], mode="c", shape=shape).view(np.ndarray)
 
 
 def _to_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -686,7 +687,7 @@ def open_index(path: str | os.PathLike, gm: GroundingModel | None = None) -> Mus
     try:
         arrays = manifest["arrays"]
         ids = [str(i) for i in json.loads((path / "music_ids.json").read_text(encoding="utf-8"))]
-        load = lambda name: np.load(path / name, mmap_mode="c")  # noqa: E731
+        load = lambda name: np.load(path / name, mmap_mode="c").view(np.ndarray)  # noqa: E731
         tracks = _TrackStore(load("m.npy"), load("mask.npy"), np.load(path / "token_offsets.npy"),
                              _open_raw(path, arrays["tokens"]))
         has_blocks = (path / "blocks.npy").is_file()
@@ -933,6 +934,9 @@ def ground(gm: GroundingModel, library: MusicLibrary, frame_feats: torch.Tensor,
     """
     if frame_feats.dim() == 2:
         frame_feats, frame_mask = frame_feats[None], frame_mask[None]
+    if frame_feats.dim() != 3 or frame_feats.shape[-1] != 512 or frame_mask.shape != frame_feats.shape[:2]:
+        raise GroundingError(f"frame_feats {list(frame_feats.shape)} / frame_mask {list(frame_mask.shape)}: "
+                             "expected [Q, Lv, 512] and [Q, Lv] (see load_video / prepare_video)")
     n = frame_feats.shape[0]
     video_ids = list(video_ids) if video_ids is not None else [f"query{i}" for i in range(n)]
     gt_music_ids = list(gt_music_ids) if gt_music_ids is not None else [None] * n
@@ -959,51 +963,58 @@ def _ground_batch(gm: GroundingModel, library: MusicLibrary, feats: torch.Tensor
     else:
         cand_rows, scores = None, exhaustive_scores(gm, library, v)
     top_rows, top_scores = top_by_score(scores, cand_rows, topk)
-    b, k = top_rows.shape
-    # Detector on every (query, top track) pair, plus the GT track when it is known.
     gt_rows = [library.row_of(g) if g is not None else None for g in gt_ids]
-    q_idx = np.repeat(np.arange(b), k)
-    r_idx = top_rows.reshape(-1)
-    extra = [(i, r) for i, r in enumerate(gt_rows) if r is not None]
-    if extra:
-        q_idx = np.concatenate([q_idx, [i for i, _ in extra]])
-        r_idx = np.concatenate([r_idx, [r for _, r in extra]])
-    se, conf = detect_pairs(gm, library, Fv, masks, v, q_idx.astype(np.int64), r_idx.astype(np.int64))
+    pair_query, pair_row, slot = _detection_pairs(top_rows, gt_rows)
+    se, conf = detect_pairs(gm, library, Fv, masks, v, pair_query, pair_row)
     results = []
-    for i in range(b):
-        hits = [TrackHit(rank=j + 1, music_id=library.music_ids[top_rows[i, j]], score=float(top_scores[i, j]),
-                         start=float(se[i * k + j, 0]), end=float(se[i * k + j, 1]),
-                         confidence=float(conf[i * k + j]), duration=float(library.durations[top_rows[i, j]]))
-                for j in range(k)]
-        results.append(QueryResult(video_ids[i], hits, mode))
-    for n_extra, (i, r) in enumerate(extra):
-        p = b * k + n_extra
-        results[i].gt = _ground_truth(library, gt_ids[i], r, gt_moments[i], scores[i], cand_rows, i,
-                                      se[p], float(conf[p]))
-    for i, g in enumerate(gt_ids):
-        if g is not None and gt_rows[i] is None:
-            m = gt_moments[i]
-            results[i].gt = GroundTruth(g, m[0] if m else None, m[1] if m else None, None, None,
-                                        None, None, None, None, in_library=False)
+    for i in range(top_rows.shape[0]):
+        hits = []
+        for j, row in enumerate(top_rows[i]):
+            p = slot[i, row]
+            hits.append(TrackHit(rank=j + 1, music_id=library.music_ids[row], score=float(top_scores[i, j]),
+                                 start=float(se[p, 0]), end=float(se[p, 1]), confidence=float(conf[p]),
+                                 duration=float(library.durations[row])))
+        result = QueryResult(video_ids[i], hits, mode)
+        if gt_ids[i] is not None:
+            pred = (se[slot[i, gt_rows[i]]], float(conf[slot[i, gt_rows[i]]])) if gt_rows[i] is not None else None
+            result.gt = _ground_truth(library, gt_ids[i], gt_rows[i], gt_moments[i], scores[i],
+                                      None if cand_rows is None else cand_rows[i], pred)
+        results.append(result)
     return results
 
 
-def _ground_truth(library: MusicLibrary, music_id: str, row: int, moment: tuple[float, float] | None,
-                  scores: torch.Tensor, cand_rows: np.ndarray | None, i: int, pred: np.ndarray,
-                  confidence: float) -> GroundTruth:
-    """The GT track's rank (pessimistic ties, as utils.metrics.gt_ranks) and its predicted moment."""
+def _detection_pairs(top_rows: np.ndarray, gt_rows: list[int | None]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(query, track row) pairs for the detector: every top track, plus the GT track when it is
+    known and not already among them. slot[query, row] = the pair's position."""
+    slot: dict = {}
+    queries, rows = [], []
+    for i, top in enumerate(top_rows):
+        for row in list(top) + ([gt_rows[i]] if gt_rows[i] is not None else []):
+            if (i, int(row)) not in slot:
+                slot[i, int(row)] = len(rows)
+                queries.append(i)
+                rows.append(int(row))
+    return np.asarray(queries, dtype=np.int64), np.asarray(rows, dtype=np.int64), slot
+
+
+def _ground_truth(library: MusicLibrary, music_id: str, row: int | None, moment: tuple[float, float] | None,
+                  scores: torch.Tensor, cand_rows: np.ndarray | None,
+                  pred: tuple[np.ndarray, float] | None) -> GroundTruth:
+    """The GT track's rank (pessimistic ties, as utils.metrics.gt_ranks) and the detector's moment on it."""
+    start, end = (moment if moment is not None else (None, None))
+    if row is None:
+        return GroundTruth(music_id, start, end, rank=None, score=None, pred_start=None, pred_end=None,
+                           confidence=None, iou=None, in_library=False)
     s = scores.double().cpu().numpy()
     rank = score = None
-    cols = np.arange(len(s)) if cand_rows is None else cand_rows[i]
-    hit = np.nonzero(cols == row)[0]
-    if hit.size:
+    hit = np.nonzero((np.arange(len(s)) if cand_rows is None else cand_rows) == row)[0]
+    if hit.size:  # not scored when a shortlist left it out
         score = float(s[hit[0]])
-        rank = int((s >= score).sum())  # includes itself: 1-based, ties ranked ahead
-    iou = None
-    if moment is not None:
-        iou = float(moment_iou(pred[None], np.array([moment], dtype=np.float64))[0])
-    return GroundTruth(music_id, moment[0] if moment else None, moment[1] if moment else None, rank, score,
-                       float(pred[0]), float(pred[1]), confidence, iou, in_library=True,
+        rank = int((s >= score).sum())  # 1-based: ties (and itself) ranked ahead
+    se, confidence = pred
+    iou = None if moment is None else float(moment_iou(se[None], np.array([moment], dtype=np.float64))[0])
+    return GroundTruth(music_id, start, end, rank=rank, score=score, pred_start=float(se[0]),
+                       pred_end=float(se[1]), confidence=confidence, iou=iou, in_library=True,
                        duration=float(library.durations[row]))
 
 
