@@ -143,9 +143,11 @@ class MusicIndex:
 @dataclass
 class _PostPoolMaps:
     """The affine maps of the X-Pool tail, folded (float64 then cast)."""
-    w_prime: Tensor   # W' = Wo Wv                    [d, d]
-    b_prime: Tensor   # b' = Wo bv + bo               [d]
+    cw: Tensor        # C W',  W' = Wo Wv             [d, d]
+    cb: Tensor        # C b',  b' = Wo bv + bo        [d]
     a_prime: Tensor   # A' = C (I + Wl) diag(g2)      [d, d]
+    acw: Tensor       # A' C W'                       [d, d]
+    acb: Tensor       # A' C b'                       [d]
     c_prime: Tensor   # c' = C ((I + Wl) b2 + bl)     [d]
     g3: Tensor
     b3: Tensor
@@ -164,12 +166,14 @@ def _post_pool_maps(xpool: XPool, dtype: torch.dtype) -> _PostPoolMaps:
     eye = torch.eye(d, dtype=torch.float64, device=wv.device)
     centre = eye - 1.0 / d
     i_wl = eye + wl
+    cw, cb = centre @ wo @ wv, centre @ (wo @ bv + bo)
+    a_prime = centre @ i_wl * g2[None, :]
     maps = _PostPoolMaps(
-        w_prime=wo @ wv, b_prime=wo @ bv + bo,
-        a_prime=centre @ i_wl * g2[None, :], c_prime=centre @ (i_wl @ b2 + bl),
+        cw=cw, cb=cb, a_prime=a_prime, acw=a_prime @ cw, acb=a_prime @ cb,
+        c_prime=centre @ (i_wl @ b2 + bl),
         g3=xpool.layer_norm3.weight.to(**f64), b3=xpool.layer_norm3.bias.to(**f64),
         eps2=xpool.layer_norm2.eps, eps3=xpool.layer_norm3.eps)
-    for name in ("w_prime", "b_prime", "a_prime", "c_prime", "g3", "b3"):
+    for name in ("cw", "cb", "a_prime", "acw", "acb", "c_prime", "g3", "b3"):
         setattr(maps, name, getattr(maps, name).to(dtype))
     return maps
 
@@ -223,24 +227,20 @@ def _index_block(maps: _PostPoolMaps, cols: Tensor, s: Tensor, valid: Tensor, m:
     # u_l = C (W' s_l + b') is affine in s_l, so centring u on its valid mean u_bar is centring
     # s: u_l - u_bar = C W' (s_l - s_bar). One GEMM gives u~ and z~ = A' u~.
     s_bar = s.sum(1) / valid.sum(1, keepdim=True)
-    cw = maps.w_prime - maps.w_prime.mean(0, keepdim=True)          # C W'
-    both = ((s - s_bar[:, None]) * valid[..., None]) @ torch.cat([cw, maps.a_prime @ cw]).T
+    both = ((s - s_bar[:, None]) * valid[..., None]) @ torch.cat([maps.cw, maps.acw]).T
     u_t, z_t = both[..., :d], both[..., d:]                         # u~, A' u~
-    u_bar = s_bar @ cw.T + (maps.b_prime - maps.b_prime.mean())     # C (W' s_bar + b')
+    u_bar = s_bar @ maps.cw.T + maps.cb                             # C (W' s_bar + b')
     x_bar = u_bar @ maps.a_prime.T                                  # A' u_bar
     g3b3 = maps.g3 * maps.b3
     g3m = maps.g3 * m                                               # [Nb, d]
-    lin = torch.stack([
-        2 * (u_t @ u_bar[..., None])[..., 0],
-        2 * (z_t @ x_bar[..., None])[..., 0],
-        2 * (z_t @ (g3sq * x_bar)[..., None])[..., 0],
-        z_t @ maps.c_prime,
-        z_t @ (g3sq * maps.c_prime),
-        z_t @ g3b3,
-        (z_t @ g3m[..., None])[..., 0],
-    ], dim=-1)                                                      # [Nb, Lb, 7]
+    per_track = torch.stack([x_bar, g3sq * x_bar, g3m], dim=-1)     # [Nb, d, 3]
+    shared = torch.stack([maps.c_prime, g3sq * maps.c_prime, g3b3], dim=-1)  # [d, 3]
+    z_lin = torch.bmm(z_t, per_track)                               # z~.x_bar, z~.G3^2 x_bar, z~.(g3*m)
+    lin = torch.cat([2 * torch.bmm(u_t, u_bar[..., None]), 2 * z_lin[..., :2], z_t @ shared, z_lin[..., 2:]],
+                    dim=-1)                                         # [Nb, Lb, 7]
     z_t_t = z_t.transpose(1, 2)
-    gram = torch.cat([u_t @ u_t.transpose(1, 2), z_t @ z_t_t, (z_t * g3sq) @ z_t_t, lin], dim=-1)
+    gram = torch.cat([torch.bmm(u_t, u_t.transpose(1, 2)), torch.bmm(z_t, z_t_t), torch.bmm(z_t * g3sq, z_t_t), lin],
+                     dim=-1)
     consts = torch.stack([
         (u_bar * u_bar).sum(-1), (x_bar * x_bar).sum(-1), (x_bar * x_bar * g3sq).sum(-1),
         x_bar @ maps.c_prime, x_bar @ (g3sq * maps.c_prime), x_bar @ g3b3, (x_bar * g3m).sum(-1),
@@ -297,8 +297,8 @@ def _score_chunk(xpool: XPool, maps: _PostPoolMaps, v: Tensor, index: MusicIndex
     # snippets of a track, so it cancels in the softmax: the keys are just LN1(S).
     q = attn.q_proj(xpool.layer_norm1(v)) @ attn.k_proj.weight / math.sqrt(d)
     w = maps.g3 * v                                                  # g3 * v
-    g = w @ (maps.a_prime @ (maps.w_prime - maps.w_prime.mean(0, keepdim=True)))  # (A' C W')^T w
-    k_v = w @ (maps.a_prime @ (maps.b_prime - maps.b_prime.mean()))                # w . A' C b'
+    g = w @ maps.acw                                                 # (A' C W')^T w
+    k_v = w @ maps.acb                                               # w . A' C b'
     ones = torch.ones(c, 1, dtype=v.dtype, device=v.device)
     lhs = torch.cat([torch.cat([q, ones], 1), torch.cat([g, 0 * ones], 1)], 0)  # [2c, d+1]
 
