@@ -39,11 +39,13 @@ def get_logger() -> logging.Logger:
 class Scalars:
     """A TensorBoard SummaryWriter that is a no-op when disabled or off the main rank."""
 
-    def __init__(self, log_dir: str | os.PathLike | None, enabled: bool = True):
+    def __init__(self, log_dir: str | os.PathLike | None, enabled: bool = True, purge_step: int | None = None):
+        """purge_step (a resumed run's first step): TensorBoard hides the events at and after it
+        that a killed run had already written, so curves do not show the redone steps twice."""
         self.writer = None
         if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: tensorboard is slow to import
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def add(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
