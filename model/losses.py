@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -23,26 +24,55 @@ EOS_COEF = 0.1                 # background-class weight of the label loss
 CONTRASTIVE_TEMPERATURE = 0.07
 
 
-def clip_loss(sim: Tensor, logit_scale: Tensor, same_music: Tensor | None = None) -> Tensor:
+def clip_loss(sim: Tensor, logit_scale: Tensor, same_music: Tensor | None = None,
+              sim_cols: Tensor | None = None, offset: int = 0) -> Tensor:
     """Symmetric InfoNCE over a square similarity matrix (positives on the diagonal).
 
     0.5 * (CE over rows + CE over columns) of exp(logit_scale) * sim. same_music [B, B]
     (True = another pair of the batch with the same track) removes those entries from the
     negatives in both directions (fix flag --mask_same_music; the original never masks).
+
+    Global batch split over ranks (training under torchrun): sim [b, B] holds this rank's
+    rows (local videos x all tracks), sim_cols [B, b] its columns (all videos x local
+    tracks), offset the position of its first pair in the global batch, and same_music is
+    [b, B]. The value is then this rank's share: the mean over ranks of the per-rank values
+    is the global loss, because every row and every column is owned by exactly one rank
+    and all ranks own b of them.
     """
-    logits = logit_scale.exp() * sim
+    scale = logit_scale.exp()
+    rows = scale * sim                                              # [b, B]
+    cols = scale * (sim.T if sim_cols is None else sim_cols.T)      # [b, B]: local tracks x all videos
     if same_music is not None:
-        logits = logits.masked_fill(same_music, float("-inf"))
-    target = torch.arange(sim.shape[0], device=sim.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        # "Same track" is symmetric, so one mask serves the rows and the transposed columns.
+        rows, cols = rows.masked_fill(same_music, float("-inf")), cols.masked_fill(same_music, float("-inf"))
+    target = offset + torch.arange(rows.shape[0], device=sim.device)
+    return 0.5 * (F.cross_entropy(rows, target) + F.cross_entropy(cols, target))
 
 
-def same_music_mask(music_ids: list[str], device: torch.device) -> Tensor:
-    """[B, B] True where i != j share a music id."""
-    codes = {mid: k for k, mid in enumerate(dict.fromkeys(music_ids))}
-    ids = torch.tensor([codes[mid] for mid in music_ids], device=device)
-    same = ids[:, None] == ids[None, :]
-    return same & ~torch.eye(len(music_ids), dtype=torch.bool, device=device)
+def music_id_codes(music_ids: list[str], device: torch.device) -> Tensor:
+    """int64 code per music id, identical in every process (a hash, so ranks can compare ids
+    with one tensor all-gather; 63 bits make a collision in a batch practically impossible)."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(str(m).encode(), digest_size=8).digest(), "little",
+                                        signed=True) for m in music_ids], dtype=torch.long, device=device)
+
+
+def same_music_mask(music_ids: list[str], device: torch.device, all_codes: Tensor | None = None,
+                    offset: int = 0) -> Tensor:
+    """[B, B] True where i != j share a music id.
+
+    With all_codes (music_id_codes of the whole global batch) and this rank's offset:
+    [b, B], local pair i against global pair j, True where they share a track and j is not i.
+    """
+    if all_codes is None:
+        codes = {mid: k for k, mid in enumerate(dict.fromkeys(music_ids))}
+        ids = torch.tensor([codes[mid] for mid in music_ids], device=device)
+        same = ids[:, None] == ids[None, :]
+        return same & ~torch.eye(len(music_ids), dtype=torch.bool, device=device)
+    local = music_id_codes(list(music_ids), device)
+    same = local[:, None] == all_codes.to(device)[None, :]
+    own = offset + torch.arange(len(music_ids), device=device)
+    same[torch.arange(len(music_ids), device=device), own] = False
+    return same
 
 
 class RetrievalLoss(nn.Module):
@@ -56,23 +86,39 @@ class RetrievalLoss(nn.Module):
         self.mask_same_music = mask_same_music
 
     def forward(self, sims: dict, logit_scale: Tensor, music_ids: list[str] | None = None) -> dict:
+        """sims from MaDe.forward: square in-batch "dual"/"single", or, for a global batch split
+        over ranks, this rank's row blocks "dual"/"single" [b, B] with "dual_cols"/"single_cols"
+        [B, b] and "offset" (see clip_loss)."""
+        offset = int(sims.get("offset", 0))
+        blocks = "dual_cols" in sims
         same = None
         if self.mask_same_music:
             if music_ids is None:
                 raise ValueError("--mask_same_music 1 needs the batch's music_id list")
-            same = same_music_mask(list(music_ids), sims["dual"].device)
-        dual, single = sims["dual"], sims["single"]
+            device = sims["dual"].device
+            if blocks:  # the other ranks' tracks are negatives too: compare with the gathered ids
+                from utils.distributed import gather_with_grad
+                all_codes = gather_with_grad(music_id_codes(list(music_ids), device))
+                same = same_music_mask(list(music_ids), device, all_codes, offset)
+            else:
+                same = same_music_mask(list(music_ids), device)
+
+        def loss(key_or_sum: tuple[str, ...]) -> Tensor:
+            rows = sum(sims[k] for k in key_or_sum)
+            cols = sum(sims[f"{k}_cols"] for k in key_or_sum) if blocks else None
+            return clip_loss(rows, logit_scale, same, cols, offset)
+
         if self.vmr_loss == "dual_single_loss_fuse":
-            parts = {"loss_dual": clip_loss(dual, logit_scale, same), "loss_single": clip_loss(single, logit_scale, same)}
+            parts = {"loss_dual": loss(("dual",)), "loss_single": loss(("single",))}
             parts["retrieval_loss"] = parts["loss_dual"] + parts["loss_single"]
             return parts
         if self.vmr_loss == "dual":
-            sim = dual
+            keys: tuple[str, ...] = ("dual",)
         elif self.vmr_loss == "dual_single_sim_fuse":
-            sim = dual + single
+            keys = ("dual", "single")
         else:  # "single", "dual_single_feature_fuse" (single = cos(v, (P + m) / 2) there)
-            sim = single
-        return {"retrieval_loss": self.weight * clip_loss(sim, logit_scale, same)}
+            keys = ("single",)
+        return {"retrieval_loss": self.weight * loss(keys)}
 
 
 class SetCriterion(nn.Module):

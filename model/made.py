@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.distributed import gather_with_grad, get_rank, is_dist
+
 from .detr import MLP, Transformer
 from .encoders import TemporalEncoder
 from .losses import build_criterion  # noqa: F401  (re-exported: train.py/test.py import it from here)
@@ -103,6 +105,9 @@ class MaDe(nn.Module):
     def __init__(self, cfg: MaDeConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or MaDeConfig()
+        # Set by utils/runtime.build_training under torchrun (unless --local_negatives 1): the
+        # training forward then computes the retrieval similarities over the global batch.
+        self.global_negatives = False
         d = cfg.d_model
         temporal = dict(agg_module=cfg.agg_module, heads=cfg.temporal_heads, dropout=cfg.temporal_dropout,
                         residual_from_input=cfg.residual_from_input, act_after_proj=cfg.act_after_proj,
@@ -250,13 +255,44 @@ class MaDe(nn.Module):
         """batch from utils.dataset.collate_fn -> embeddings, in-batch similarities, detection."""
         v, Fv = self.encode_video(batch["frame_feats"], batch["frame_mask"])
         m, Sm = self.encode_music(batch["music_feats"], batch["music_mask"])
-        pooled = self.xpool(v, Sm, batch["music_mask"]) if self.xpool is not None else None
+        # Training under torchrun: the retrieval loss sees the global batch (see _global_similarities).
+        global_batch = self.global_negatives and torch.is_grad_enabled() and is_dist()
+        pooled = None
+        if self.xpool is not None and (not global_batch or self.cfg.moment_query_type == "xpool"):
+            pooled = self.xpool(v, Sm, batch["music_mask"])
+        # (--moment_query_type xpool: the mean over the LOCAL batch's videos, also under torchrun.)
         query_content = pooled.mean(dim=1) if self.cfg.moment_query_type == "xpool" else None
         detection = self.detect(Fv, batch["frame_mask"], Sm, batch["music_mask"], v, m,
                                 query_content=query_content, v_duration=batch.get("v_duration"))
+        sims = (self._global_similarities(v, m, Sm, batch["music_mask"]) if global_batch
+                else self._similarities(v, m, pooled))
         return {"video_emb": v, "music_emb": m, "frame_tokens": Fv, "snippet_tokens": Sm,
-                "similarities": self._similarities(v, m, pooled), "detection": detection,
-                "logit_scale": self.logit_scale}
+                "similarities": sims, "detection": detection, "logit_scale": self.logit_scale}
+
+    def _global_similarities(self, v: Tensor, m: Tensor, Sm: Tensor, music_mask: Tensor) -> dict:
+        """This rank's blocks of the global in-batch similarity matrices (B = world x b pairs).
+
+        Rows: local videos x all tracks [b, B]; columns: all videos x local tracks [B, b]. The
+        embeddings, snippet tokens and masks of the other ranks are all-gathered with gradients,
+        so the mean over ranks of the per-rank losses, with DDP's gradient averaging, has the
+        gradient of the one-process loss over the global batch (model/losses.clip_loss).
+        Cost per rank: X-Pool on 2*b*B pairs instead of b*b (the diagonal block twice), and
+        the gathered snippet tokens [B, L, d] with their LN/K/V activations.
+        """
+        gathered = [gather_with_grad(x) for x in (v, m, Sm, music_mask)]
+        return self.block_similarities((v, m, Sm, music_mask), gathered, get_rank() * v.shape[0])
+
+    def block_similarities(self, local: tuple[Tensor, ...], gathered: list[Tensor] | tuple[Tensor, ...],
+                           offset: int) -> dict:
+        """Row and column blocks from local (v, m, Sm, mask) and the global batch's; offset = the
+        position of the local pairs in the global batch (a pure function: tests simulate ranks)."""
+        v, m, Sm, mask = local
+        v_all, m_all, Sm_all, mask_all = gathered
+        pooled_rows = self.xpool(v, Sm_all, mask_all) if self.xpool is not None else None  # [B, b, d]
+        pooled_cols = self.xpool(v_all, Sm, mask) if self.xpool is not None else None      # [b, B, d]
+        rows, cols = self._similarities(v, m_all, pooled_rows), self._similarities(v_all, m, pooled_cols)
+        return {"dual": rows["dual"], "single": rows["single"], "dual_cols": cols["dual"],
+                "single_cols": cols["single"], "offset": offset}
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, args: argparse.Namespace) -> list[dict]:

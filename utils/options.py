@@ -256,6 +256,9 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
                        help="steps per update (forced to 1 unless exponential, as in the original)")
         g.add_argument("--warmup_rate", type=unit_interval, default=0.02)
         g.add_argument("--resume", default=None, help="continue a run from its pytorch_model.bin.last (or run folder)")
+        g.add_argument("--local_negatives", type=flag01, default=0,
+                       help="under torchrun: 1 = retrieval-loss negatives from each process's own "
+                            "batch_size_train/N rows only (less memory); 0 = the global batch, as on one GPU")
     else:
         g = p.add_argument_group("test")
         g.add_argument("--test_best", type=flag01, default=1,
