@@ -23,7 +23,7 @@ from utils.io import atomic_write_json
 from utils.logger import get_logger, setup_logger
 from utils.metrics import METRIC_KEYS, format_table
 from utils.options import parse_args
-from utils.runtime import make_loader, resolve_device, seed_everything
+from utils.runtime import make_eval_loader, resolve_device, seed_everything
 
 
 def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = build_dataset(args.test_csv, frozen_feature_path=args.frozen_feature_path, stride=args.stride,
                             max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows,
                             use_packed=bool(args.use_packed))
-    loader, _ = make_loader(dataset, args.batch_size_val, False, False, args.seed, dist_info, device, args)
+    # Under torchrun every rank evaluates one shard; the metrics are over the whole split.
+    loader = make_eval_loader(dataset, args.batch_size_val, dist_info, device, args)
     log.info(f"{args.test_csv}: {len(dataset)} videos; device {device}")
 
     results = {}

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = D.init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
-    run_dir = run_dir_for(args, dist_info)
+    # Rank 0 decides the folder (its date, its existing-run check) and tells the others.
+    run_dir = Path(D.broadcast_object(str(run_dir_for(args, dist_info)) if dist_info.is_main else None))
     log = setup_logger(run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.name}-{args.train_data}_train.log",
                        is_main=dist_info.is_main)
     log.info(describe_run(args, device, dist_info, run_dir))
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     start_epoch, global_step, history = args.start_epoch + 1, 0, []
     if args.resume:
         start_epoch, global_step, bests, best_epochs, history = resume_from(
-            args, model, optimizer, scheduler, device)
+            args, model, optimizer, scheduler, device, dist_info)
         log.info(f"resumed from epoch {start_epoch - 1} (step {global_step})")
 
     scalars = Scalars(run_dir, enabled=bool(args.tb_writer) and dist_info.is_main)
@@ -96,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                             save_checkpoint(run_dir / BEST_NAMES[name], model, args, epoch, metrics,
                                             loss=record["val_loss"])
             history.append(record)
+            # Every rank's RNG state (dropout streams differ per rank); a collective, so outside is_main.
+            rng_per_rank = D.all_gather_objects(capture_rng()) if args.save_model else None
             if args.save_model and dist_info.is_main:
                 save_checkpoint(run_dir / LAST_NAME, model, args, epoch, metrics,
                                 resume_state={
                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "global_step": global_step, "bests": bests, "best_epochs": best_epochs,
-                                    "history": history, "rng": capture_rng()})
+                                    "history": history, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank})
                 atomic_write_json({"finished": False, "epoch": epoch, "bests": bests,
                                    "best_epochs": best_epochs, "history": history}, run_dir / "train_state.json")
             scalars.flush()
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def resume_from(args, model, optimizer, scheduler, device):
+def resume_from(args, model, optimizer, scheduler, device, dist_info=D.DistInfo()):
+    """Every rank reads the same file, so all start from identical weights and optimizer state."""
     path = Path(args.resume)
     if path.is_dir():
         path = path / LAST_NAME
@@ -139,7 +143,15 @@ def resume_from(args, model, optimizer, scheduler, device):
     r = state["resume"]
     optimizer.load_state_dict(r["optimizer"])
     scheduler.load_state_dict(r["scheduler"])
-    restore_rng(r["rng"])
+    per_rank = r.get("rng_per_rank") or []
+    if len(per_rank) == dist_info.world_size:
+        restore_rng(per_rank[dist_info.rank])
+    else:
+        # Saved with another number of processes: rank 0's state everywhere, other ranks reseeded
+        # so their dropout masks stay independent (the run continues, not bit for bit).
+        restore_rng(r["rng"])
+        if dist_info.rank:
+            torch.manual_seed(args.seed + 1000 * state["epoch"] + dist_info.rank)
     return state["epoch"] + 1, r["global_step"], r["bests"], r["best_epochs"], r["history"]
 
 

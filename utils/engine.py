@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils import distributed as D
 from utils import metrics as M
 from utils.logger import Scalars, get_logger
 
@@ -79,11 +80,15 @@ class RunningMeans:
         self.count += 1
 
     def means(self) -> dict[str, float]:
+        """Means over the updates; under torchrun over every rank's updates (a collective: all
+        ranks call it at the same point, with the same keys)."""
         if not self.sums:
             return {}
         keys = list(self.sums)
-        values = torch.stack([self.sums[k].reshape(()) for k in keys]).cpu().tolist()  # one host sync
-        return {k: v / max(1, self.count) for k, v in zip(keys, values)}
+        stacked = torch.stack([self.sums[k].reshape(()) for k in keys] + [self.sums[keys[0]].new_tensor(self.count)])
+        values = D.all_reduce_sum(stacked).cpu().tolist()  # one host sync
+        count = values.pop()
+        return {k: v / max(1.0, count) for k, v in zip(keys, values)}
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: Iterable,
@@ -110,9 +115,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
         with autocast_context(device, args.amp):
             outputs = model(batch)
             loss, parts = criterion(outputs, batch)
-        if not torch.isfinite(loss):
+        # Every rank takes the same branch (one raising while the others wait in backward would hang).
+        if not D.all_true(bool(torch.isfinite(loss)), device):
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {step + 1}; "
+                f"non-finite training loss (this process: {loss.item()}) at epoch {epoch}, step {step + 1}; "
                 f"parts: { {k: float(v) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1} }. "
                 "Check the input features for extreme values, or lower --matching_lr/--detection_lr.")
         if scaler is not None:
@@ -150,7 +156,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
                 if key in means:
                     scalars.add(f"train/{key}", means[key], global_step)
             scalars.add("train/lr", lr, global_step)
-            rate = (step + 1) * _batch_size(batch) / max(1e-9, time.time() - t0)
+            rate = (step + 1) * _batch_size(batch) * D.get_world_size() / max(1e-9, time.time() - t0)
             log.info(f"epoch {epoch} step {step + 1}/{num_steps} loss {means.get('loss', float('nan')):.4f} "
                      f"ret {means.get('retrieval_loss', float('nan')):.4f} "
                      f"loc {means.get('localization_loss', float('nan')):.4f} lr {lr:.2e} {rate:.1f} samples/s")
@@ -161,6 +167,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
         gt = torch.cat(gt_se).cpu().double().numpy()
         dur = torch.cat([d.reshape(-1) for d in m_dur]).cpu().double().numpy()
         ious = M.moment_iou(M.clip_moments(pred, dur, args.max_m_duration), gt)
+        if D.is_dist():  # train mIoU over every rank's videos
+            ious = D.all_gather_varlen(torch.from_numpy(ious).to(device)).cpu().numpy()
         results.update({f"train_{k}": v for k, v in M.smg_metrics(ious).items()})
     return results, global_step
 
@@ -225,22 +233,60 @@ def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: I
             m_list.append(outputs["music_emb"].float()[idx])
             s_list.append(outputs["snippet_tokens"].float()[idx])
             mask_list.append(batch["music_mask"][idx])
-    cpu = lambda xs: torch.cat(xs).cpu().double().numpy()
+    per_video = [torch.cat(xs) for xs in (v_list, pred, score, gt, dur)]
+    unique_ids = list(seen)
+    music = [torch.cat(xs) for xs in (m_list, s_list, mask_list)]
+    if D.is_dist():
+        video_ids, music_ids, per_video, unique_ids, music = _gather_collected(
+            loader, video_ids, music_ids, per_video, unique_ids, music)
+    video_emb, pred_t, score_t, gt_t, dur_t = per_video
+    cpu = lambda x: x.cpu().double().numpy()
     return Collected(
         video_ids=video_ids, music_ids=music_ids,
-        video_emb=torch.cat(v_list),
-        pred_se=cpu(pred), pred_score=cpu(score), gt_se=cpu(gt), m_duration=cpu(dur),
-        unique_music_ids=list(seen),
-        music_emb=torch.cat(m_list), snippet_tokens=torch.cat(s_list), music_mask=torch.cat(mask_list),
+        video_emb=video_emb,
+        pred_se=cpu(pred_t), pred_score=cpu(score_t), gt_se=cpu(gt_t), m_duration=cpu(dur_t),
+        unique_music_ids=unique_ids,
+        music_emb=music[0], snippet_tokens=music[1], music_mask=music[2],
         losses=means.means(),
     )
+
+
+def _gather_collected(loader, video_ids: list[str], music_ids: list[str], per_video: list[torch.Tensor],
+                      unique_ids: list[str], music: list[torch.Tensor]):
+    """Every rank's share of a collection pass -> the whole split, as one process collects it.
+
+    The eval loader's ShardSampler gives rank r the contiguous rows [r*s, (r+1)*s) (the last
+    shards padded with repeats of the last row): concatenating in rank order and keeping the
+    split's n rows restores its order without duplicates. Tracks keep their first appearance.
+    """
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if not isinstance(sampler, D.ShardSampler):
+        raise ValueError("evaluation under torchrun needs a loader built by utils.runtime.make_eval_loader "
+                         "(utils.distributed.ShardSampler), so that every row is evaluated exactly once")
+    n = sampler.num_rows
+    if len(video_ids) != sampler.shard_len:
+        raise RuntimeError(f"this rank collected {len(video_ids)} rows, its shard has {sampler.shard_len}")
+    per_video = [D.all_gather_varlen(x)[:n] for x in per_video]
+    video_ids = [v for part in D.all_gather_objects(video_ids) for v in part][:n]
+    music_ids = [m for part in D.all_gather_objects(music_ids) for m in part][:n]
+    every = [m for part in D.all_gather_objects(unique_ids) for m in part]
+    music = [D.all_gather_varlen(x) for x in music]
+    first: dict[str, int] = {}
+    for k, mid in enumerate(every):
+        first.setdefault(mid, k)
+    keep = torch.as_tensor(list(first.values()), device=music[0].device)
+    return video_ids, music_ids, per_video, list(first), [x[keep] for x in music]
 
 
 @torch.no_grad()
 def msg_scores(model: torch.nn.Module, c: Collected, chunk_size: int = 0) -> torch.Tensor:
     """[Nv, Nm] test-time retrieval scores of every video against every distinct track."""
     index = model.index_music(c.music_emb, c.snippet_tokens, c.music_mask)
-    return model.score_videos(c.video_emb, index, chunk_size)
+    if not D.is_dist():
+        return model.score_videos(c.video_emb, index, chunk_size)
+    # Under torchrun each rank scores a contiguous slice of the videos; every rank gets all rows.
+    start, stop, _ = D.shard_bounds(c.video_emb.shape[0], D.get_rank(), D.get_world_size())
+    return D.all_gather_varlen(model.score_videos(c.video_emb[start:stop], index, chunk_size))
 
 
 def evaluate_collected(model: torch.nn.Module, c: Collected, args: Any) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from utils.distributed import DistInfo
+from utils.distributed import DistInfo, ShardSampler, ddp_wrap, has_unused_parameters
 from utils.logger import get_logger
 
 
@@ -110,6 +110,18 @@ def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: 
     return loader, sampler
 
 
+def make_eval_loader(dataset, batch_size: int, dist_info: DistInfo, device: torch.device, args: Any):
+    """Evaluation loader: the split in its own order; under torchrun each rank gets one contiguous
+    shard of equal length (utils.distributed.ShardSampler), which utils/engine.collect gathers
+    back into the whole split without the padding."""
+    from utils.dataset import collate_fn
+    sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
+    workers = _num_workers(args)
+    return DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
+                      collate_fn=collate_fn, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0)
+
+
 def build_loaders(args: Any, dist_info: DistInfo, device: torch.device, need_train: bool):
     """(train_loader, val_loader, train_sampler) for train.py."""
     from utils.dataset import build_dataset
@@ -131,8 +143,7 @@ def build_loaders(args: Any, dist_info: DistInfo, device: torch.device, need_tra
     val_loader = None
     if args.do_eval:
         val_ds = build_dataset(args.val_csv, **common)
-        val_loader, _ = make_loader(val_ds, args.batch_size_val, False, False, args.seed,
-                                    DistInfo() if not dist_info.enabled else dist_info, device, args)
+        val_loader = make_eval_loader(val_ds, args.batch_size_val, dist_info, device, args)
         log.info(f"train: {len(train_ds)} rows, {len(train_loader)} steps/epoch; val: {len(val_ds)} rows")
     else:
         log.info(f"train: {len(train_ds)} rows, {len(train_loader)} steps/epoch")
@@ -151,8 +162,14 @@ def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_p
                                 lr_update_rate=args.lr_update_rate)
     ddp_model = model
     if dist_info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+        # Retrieval negatives from the whole global batch (as on one GPU) unless --local_negatives 1.
+        model.global_negatives = not getattr(args, "local_negatives", 0)
+        # DDP copies rank 0's initial weights to every rank; gradients are averaged over ranks.
+        ddp_model = ddp_wrap(model, device, dist_info.local_rank, has_unused_parameters(args))
+        # Independent dropout masks per rank (the same seed everywhere would correlate them);
+        # rank 0 keeps the one-process stream. Data order comes from the samplers' own seed.
+        if dist_info.rank:
+            torch.manual_seed(args.seed + dist_info.rank)
     if getattr(args, "compile", False):
         ddp_model = torch.compile(ddp_model)
     return model, criterion, optimizer, scheduler, ddp_model
