@@ -41,6 +41,9 @@ def tiny_args(data_root: Path, extra: list[str] | None = None):
     return parse_args([
         "--dim_input", "32", "--detr_dim_feedforward", "64", "--detr_enc_layers", "1", "--detr_dec_layers", "2",
         "--temporal_dropout", "0", "--detr_dropout", "0", "--warmup_rate", "0",
+        # The first global batch holds one track twice, on different ranks: the masking must
+        # compare this rank's ids with the gathered ones.
+        "--mask_same_music", "1",
         "--batch_size_train", str(GLOBAL_BATCH), "--no-do_eval", "--device", "cpu", "--num_workers", "0",
         "--tb_writer", "0", "--num_display", "1",
         "--train_csv", str(data / "dataset/MGSV-EC/train_data.csv"),
@@ -93,6 +96,7 @@ def main(out_dir: str, data_root: str) -> None:
                     Scalars(None, enabled=False), 0, show_progress=False, max_steps=TRAIN_STEPS)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     atomic_torch_save({"rank": dist_info.rank, "world_size": dist_info.world_size, "video_ids": batch["video_id"],
+                       "music_ids": batch["music_id"],
                        "loss": loss, "grads": grads, "loss_local": loss_local, "grads_local": grads_local,
                        "params": params}, Path(out_dir) / f"rank{dist_info.rank}.pt")
     D.cleanup()

@@ -171,6 +171,7 @@ def test_two_process_training_matches_one_process(demo_data, tmp_path):
     batch = next(iter(loader))
     assert sorted(batch["video_id"]) == sorted(ranks[0]["video_ids"] + ranks[1]["video_ids"])
     assert not set(ranks[0]["video_ids"]) & set(ranks[1]["video_ids"])
+    assert set(ranks[0]["music_ids"]) & set(ranks[1]["music_ids"])  # same-music masking across ranks
     loss, grads = dist_worker.step_grads(ddp_model, model, criterion, batch)
     # Per-rank losses average to the global-batch loss ...
     assert (ranks[0]["loss"] + ranks[1]["loss"]).item() / 2 == pytest.approx(loss.item(), rel=1e-5)
