@@ -31,6 +31,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="bench_indexes", help="where the synthetic indexes are written")
     p.add_argument("--num_queries", type=int, default=200, help="queries for the preservation fractions")
     p.add_argument("--latency_queries", type=int, default=20, help="single queries timed per mode")
+    p.add_argument("--exhaustive_latency_queries", type=int, default=None,
+                   help="single exhaustive queries timed (default: --latency_queries; slow at 100k on CPU)")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="cpu")
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     rate = encode_rate(gm)
     t0 = time.time()
     rows = benchmark_grounding(gm, args.sizes, args.shortlist_ks, args.workdir, args.dtype, args.num_queries,
-                               args.latency_queries, args.topk, args.keep, args.seed)
+                               args.latency_queries, args.topk, args.keep, args.seed,
+                               exhaustive_latency_queries=args.exhaustive_latency_queries)
     env = {"device": str(gm.device), "torch_threads": torch.get_num_threads(), "cpu": platform.processor()
            or platform.machine(), "model": gm.checkpoint, "dtype": args.dtype, "encode_tracks_per_s": round(rate, 1),
            "total_s": round(time.time() - t0, 1)}
