@@ -316,11 +316,12 @@ def _score_chunk(xpool: XPool, maps: _PostPoolMaps, v: Tensor, index: MusicIndex
             raise ValueError(f"the index blocks hold more tracks than its {n_music} music embeddings")
         prod = lhs @ blk.keys                                         # [2c, Nb*Lb]
         a = torch.softmax(prod[:c].view(c, nb, blk_len), dim=-1)
-        lin_v[rows] = prod[c:].view(c, nb, blk_len).mul_(a).sum(-1).T   # (in place: no temporaries)
+        lin_v[rows] = torch.linalg.vecdot(prod[c:].view(c, nb, blk_len), a).T
         a_t = a.transpose(0, 1).contiguous()                          # [Nb, c, Lb]
-        forms = torch.bmm(a_t, blk.gram)                              # [Nb, c, 3Lb+7]
+        forms = torch.bmm(a_t, blk.gram)                              # [Nb, c, 3Lb+7]: a^T G, a^T lin
         lin[rows] = forms[..., 3 * blk_len:]
-        quad[rows] = forms[..., :3 * blk_len].view(nb, c, 3, blk_len).mul_(a_t[:, :, None, :]).sum(-1)
+        # a^T G a for the three Gram blocks: batched mat-vec products, no temporaries.
+        quad[rows] = (forms[..., :3 * blk_len].view(nb, c, 3, blk_len) @ a_t.unsqueeze(-1)).squeeze(-1)
         consts[rows] = blk.consts
         columns.append(blk.columns)
         row += nb
