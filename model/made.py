@@ -170,7 +170,7 @@ class MaDe(nn.Module):
         return sims["single"]
 
     @torch.no_grad()
-    def index_music(self, m: Tensor, Sm: Tensor, music_mask: Tensor, block_size: int = 16) -> MusicIndex:
+    def index_music(self, m: Tensor, Sm: Tensor, music_mask: Tensor, block_size: int = 64) -> MusicIndex:
         """Prepare every track once for score_videos (exact, eval-mode X-Pool)."""
         return build_music_index(self.xpool, m, Sm, music_mask, block_size)
 

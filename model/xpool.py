@@ -119,6 +119,7 @@ _MASKED = -1e30  # logit offset of padded snippets: exp() underflows to exactly 
 class IndexBlock:
     columns: Tensor  # [Nb] column (track) indices of this block in the caller's order
     keys: Tensor     # [d + 1, Nb * Lb]: LN1(snippets), valid ones first, + a mask-offset row
+                     # (the transpose of a contiguous [Nb * Lb, d + 1] array)
     gram: Tensor     # [Nb, Lb, 3 * Lb + 7]: three Gram matrices and seven linear columns
     consts: Tensor   # [Nb, 10]: per-track constants of the quadratic/linear forms
     length: int      # Lb
@@ -128,9 +129,11 @@ class IndexBlock:
 class MusicIndex:
     """Everything score_against_index needs about the tracks; built once per track set.
 
-    blocks may be any iterable of IndexBlock (e.g. streamed from disk); together they must
-    cover every column exactly once. build_music_index sorts tracks by valid length and
-    cuts them into blocks of block_size tracks.
+    blocks may be any re-iterable collection of IndexBlock (e.g. streamed from disk); together
+    they must cover every column exactly once. build_music_index sorts tracks by valid length
+    and cuts them into blocks of block_size tracks (64: few, large tensor operations, which
+    also keeps two OpenMP threads efficient on a busy machine; the padding this costs is
+    small because neighbouring tracks in length order have nearly the same length).
     """
     music_emb: Tensor             # [Nm, d] global music embeddings (L2-normalised)
     blocks: Iterable[IndexBlock]  # empty when the model has no X-Pool (vmr_loss "dual")
@@ -180,7 +183,7 @@ def _post_pool_maps(xpool: XPool, dtype: torch.dtype) -> _PostPoolMaps:
 
 @torch.no_grad()
 def build_music_index(xpool: XPool | None, music_emb: Tensor, snippets: Tensor, mask: Tensor,
-                      block_size: int = 16) -> MusicIndex:
+                      block_size: int = 64) -> MusicIndex:
     """Encode every track once: music_emb [Nm, d], snippets [Nm, L, d], mask [Nm, L]."""
     with torch.autocast(music_emb.device.type, enabled=False):  # exact float32 whatever the caller's context
         return _build_music_index(xpool, music_emb, snippets, mask, block_size)
@@ -253,8 +256,9 @@ def _index_block(maps: _PostPoolMaps, cols: Tensor, s: Tensor, valid: Tensor, m:
 
 def auto_chunk_size(n_music: int) -> int:
     """Videos per chunk keeping the per-chunk buffers near 256 MB (float32)."""
-    # ~24 floats per (video, track) for the per-pair statistics, ~16k per video for one block.
-    return max(16, min(2048, 2 ** 26 // (24 * n_music + 16384)))
+    # ~24 floats per (video, track) for the per-pair statistics, ~7 * 64 * 96 per video for
+    # the temporaries of one block of 64 full-length tracks.
+    return max(16, min(1024, 2 ** 26 // (24 * n_music + 7 * 64 * 96)))
 
 
 @torch.no_grad()
