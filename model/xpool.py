@@ -278,6 +278,8 @@ def _score_against_index(xpool: XPool | None, videos: Tensor, index: MusicIndex,
                          chunk_size: int) -> Tensor:
     chunk_size = chunk_size if chunk_size > 0 else auto_chunk_size(index.num_music)
     out = torch.empty(videos.shape[0], index.num_music, dtype=torch.float32, device=videos.device)
+    if index.num_music == 0:
+        return out
     maps = _post_pool_maps(xpool, videos.dtype) if xpool is not None else None
     for start in range(0, videos.shape[0], chunk_size):
         v = videos[start:start + chunk_size]
