@@ -2,38 +2,47 @@
 
     python train.py --do_train --do_eval [flags]                  # one device
     torchrun --nproc_per_node N train.py --do_train --do_eval ...  # data parallel
+    python train.py --resume RUN_DIR                              # continue a stopped run
 
 Defaults reproduce the authors' training script (scripts/train_kuai_all_feature.sh):
 Adam with three parameter groups, warmup-cosine schedule stepped per iteration,
 per-group gradient clipping, validation every epoch, four "best" checkpoints
 and the original early-stopping rule. See README, "Differences from the
 original code", for what we changed and why.
+
+Reliability:
+  * Bad flags, CSVs, feature files and run folders are reported (exit status 2) before
+    anything is written; the run folder is created only once the inputs are known to be good.
+  * A folder that holds a run is never trained into again without --overwrite, which moves
+    the old run's files into a `replaced-<time>` subfolder (nothing is ever deleted).
+  * pytorch_model.bin.last is written (atomically) at the end of every epoch with everything
+    needed to continue: optimizer, schedule, step, best trackers (hence early stopping),
+    history and RNG states. `--resume RUN_DIR` takes every training setting from it, so a run
+    killed at any point (SIGKILL included) and resumed ends with the same checkpoints and
+    metrics as an uninterrupted one: bit for bit on CPU with the same number of threads.
+    Not bit for bit: CUDA (non-deterministic kernels, e.g. atomics in index_add/scatter
+    backward), --compile, a resumed run with another number of processes, and --epochs
+    raised on resume (the schedule is recomputed for the new length).
+  * A NaN/inf loss (or parameters) stops the run with exit status 1; the checkpoints of the
+    last completed epoch are kept as they were.
 """
 from __future__ import annotations
 
 import os
-import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-
-from utils import distributed as D
-from utils.checkpoint import (BEST_NAMES, LAST_NAME, CheckpointError, load_checkpoint, load_model_weights,
-                              save_checkpoint, unwrap)
-from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
-from utils.io import atomic_write_json
-from utils.logger import Scalars, get_logger, setup_logger
-from utils.metrics import format_table
+from utils.logger import get_logger, setup_logger
 from utils.options import parse_args
-from utils.runtime import (build_loaders, build_training, capture_rng, describe_run, resolve_device, restore_rng,
-                           run_dir_for, seed_everything)
+from utils.preflight import (check_batch_size, check_new_run_dir, given_flags, is_user_error, load_split, new_run_dir,
+                             report_user_error, resume_settings, set_aside_previous_run)
 
 # Early stopping (original): stop once epoch >= max(60, latest best epoch of these metrics + 20).
 EARLY_STOP_METRICS = ("R1", "R5", "mIoU", "R1_iou0.5", "R1_iou0.7")
 EARLY_STOP_MIN_EPOCHS, EARLY_STOP_PATIENCE = 60, 20
+STATE_FILE = "train_state.json"
 
 
 def improved(name: str, value: float, best: float) -> bool:
@@ -41,34 +50,134 @@ def improved(name: str, value: float, best: float) -> bool:
     return value > best if name == "R1_iou0.5" else value >= best
 
 
+def early_stop(epoch: int, best_epochs: dict[str, int]) -> bool:
+    return epoch >= max(EARLY_STOP_MIN_EPOCHS, max(best_epochs[k] for k in EARLY_STOP_METRICS) + EARLY_STOP_PATIENCE)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv, mode="train")
+    log = setup_logger()  # console only: the run folder is created once the inputs are known to be good
+    resume = None
+    if args.resume:
+        resume = load_resume(args, argv)
+        run_dir = resume["path"].parent
+        if finished(resume, args):
+            log.info(f"{run_dir}: the run already finished (epoch {resume['epoch']} of {args.epochs}); nothing "
+                     "to do. Pass a larger --epochs to train it further.")
+            mark_finished(run_dir, resume)
+            return 0
+    else:
+        run_dir = new_run_dir(args)
+        check_new_run_dir(run_dir, args.overwrite)
+    # The annotations before anything heavy: pandas only, so a bad CSV or batch size is
+    # reported before torch is imported or the feature store is opened.
+    train_df = load_split(args.train_csv, args)
+    val_df = load_split(args.val_csv, args) if args.do_eval else None
+    check_batch_size(len(train_df), args.batch_size_train, int(os.environ.get("WORLD_SIZE", "1")), args.train_csv)
+    return train(args, run_dir, train_df, val_df, resume)
+
+
+def load_resume(args: Any, argv: list[str]) -> dict:
+    """Read --resume's checkpoint and adopt the run's settings into `args` (see utils.preflight)."""
+    from utils.checkpoint import load_resume_checkpoint, resume_checkpoint_path
+    path = resume_checkpoint_path(args.resume)
+    state = load_resume_checkpoint(path)
+    notes = resume_settings(args, state["config"], given_flags(argv, "train"), str(args.resume))
+    if notes:
+        get_logger().info(f"resuming {path} with the run's settings: " + ", ".join(notes))
+    state["path"] = path
+    return state
+
+
+def finished(resume: dict, args: Any) -> bool:
+    r = resume["resume"]
+    return resume["epoch"] >= args.epochs or (args.do_eval and early_stop(resume["epoch"], r["best_epochs"]))
+
+
+def mark_finished(run_dir: Path, resume: dict) -> None:
+    """A run killed between saving its last epoch and marking itself finished is finished now."""
+    import json
+    from utils.io import atomic_write_json
+    path = run_dir / STATE_FILE
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("finished"):
+            return
+    except (OSError, ValueError):
+        pass
+    r = resume["resume"]
+    atomic_write_json({"finished": True, "epoch": resume["epoch"], "bests": r["bests"],
+                       "best_epochs": r["best_epochs"], "history": r["history"]}, path)
+
+
+def train(args: Any, run_dir: Path, train_df, val_df, resume: dict | None) -> int:
+    # Imported here, after main's cheap checks: torch alone takes seconds to import.
+    import torch
+
+    from utils import distributed as D
+    from utils.checkpoint import BEST_NAMES, LAST_NAME, load_model_weights, save_checkpoint, unwrap
+    from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
+    from utils.io import atomic_write_json
+    from utils.logger import Scalars
+    from utils.metrics import format_table
+    from utils.runtime import (build_loaders, build_training, capture_rng, describe_run, resolve_device,
+                               restore_rng, seed_everything)
+
     device = resolve_device(args.device)
     dist_info = D.init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
-    # Rank 0 decides the folder (its date, its existing-run check) and tells the others.
-    run_dir = Path(D.broadcast_object(str(run_dir_for(args, dist_info)) if dist_info.is_main else None))
+    # Rank 0 decides the folder (its date) and tells the others.
+    run_dir = Path(D.broadcast_object(str(run_dir) if dist_info.is_main else None))
+    seed_everything(args.seed)
+
+    train_loader, val_loader, train_sampler = build_loaders(args, dist_info, device, train_df=train_df, val_df=val_df)
+    model, criterion, optimizer, scheduler, ddp_model = build_training(args, device, dist_info,
+                                                                      steps_per_epoch=len(train_loader))
+    # Every input is good: only now is anything written.
+    set_aside = None
+    if dist_info.is_main:
+        if resume is None and args.overwrite:
+            set_aside = set_aside_previous_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logger(run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.name}-{args.train_data}_train.log",
                        is_main=dist_info.is_main)
     log.info(describe_run(args, device, dist_info, run_dir))
-    seed_everything(args.seed)
-
-    train_loader, val_loader, train_sampler = build_loaders(args, dist_info, device, need_train=True)
-    model, criterion, optimizer, scheduler, ddp_model = build_training(args, device, dist_info,
-                                                                      steps_per_epoch=len(train_loader))
+    if set_aside is not None:
+        log.info(f"--overwrite: the previous run's files were moved to {set_aside}")
     n_params = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
     log.info(f"MaDe trainable parameters: {n_params:,}")
 
     bests = {k: 0.0 for k in (*BEST_NAMES, "R5")}
     best_epochs = {k: 0 for k in bests}
     start_epoch, global_step, history = args.start_epoch + 1, 0, []
-    if args.resume:
-        start_epoch, global_step, bests, best_epochs, history = resume_from(
-            args, model, optimizer, scheduler, device, dist_info)
-        log.info(f"resumed from epoch {start_epoch - 1} (step {global_step})")
+    if resume is not None:
+        # Every rank reads the same file, so all start from identical weights and optimizer state.
+        load_model_weights(model, resume, resume["path"])
+        r = resume["resume"]
+        optimizer.load_state_dict(r["optimizer"])
+        scheduler.load_state_dict(r["scheduler"])
+        per_rank = r.get("rng_per_rank") or []
+        if len(per_rank) == dist_info.world_size:
+            restore_rng(per_rank[dist_info.rank])
+        else:
+            # Saved with another number of processes: rank 0's state everywhere, other ranks reseeded
+            # so their dropout masks stay independent (the run continues, not bit for bit).
+            restore_rng(r["rng"])
+            if dist_info.rank:
+                torch.manual_seed(args.seed + 1000 * resume["epoch"] + dist_info.rank)
+        start_epoch, global_step = resume["epoch"] + 1, r["global_step"]
+        bests, best_epochs, history = r["bests"], r["best_epochs"], r["history"]
+        log.info(f"resumed from epoch {resume['epoch']} (step {global_step}) of {resume['path']}")
 
-    scalars = Scalars(run_dir, enabled=bool(args.tb_writer) and dist_info.is_main)
+    def write_state(is_finished: bool, epoch: int) -> None:
+        atomic_write_json({"finished": is_finished, "epoch": epoch, "bests": bests, "best_epochs": best_epochs,
+                           "history": history}, run_dir / STATE_FILE)
+
+    # purge_step: TensorBoard hides what a killed run logged after its last saved step.
+    scalars = Scalars(run_dir, enabled=bool(args.tb_writer) and dist_info.is_main,
+                      purge_step=global_step + 1 if resume is not None else None)
+    last_saved = start_epoch - 1
     status = 0
     try:
         for epoch in range(start_epoch, args.epochs + 1):
@@ -77,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             train_stats, global_step = train_one_epoch(
                 ddp_model, criterion, train_loader, optimizer, scheduler, device, epoch, args, scalars,
                 global_step, show_progress=dist_info.is_main)
+            # The loss is checked every step; weights can still turn NaN in the last step's update.
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise NonFiniteLossError(f"the model's parameters became NaN/inf during epoch {epoch}. Check the "
+                                         "input features for extreme values, or lower --matching_lr/--detection_lr.")
             scalars.add("train/loss_epoch", train_stats.get("loss", float("nan")), epoch)
             scalars.add("train/mIoU_epoch", train_stats.get("train_mIoU", float("nan")), epoch)
             record = {"epoch": epoch, "train": train_stats, "seconds": round(time.time() - t0, 2)}
@@ -98,19 +211,21 @@ def main(argv: list[str] | None = None) -> int:
                                             loss=record["val_loss"])
             history.append(record)
             # Every rank's RNG state (dropout streams differ per rank); a collective, so outside is_main.
+            # Captured after evaluation, so a resumed run continues the very same streams.
             rng_per_rank = D.all_gather_objects(capture_rng()) if args.save_model else None
             if args.save_model and dist_info.is_main:
+                # .last before train_state.json: a kill in between leaves a state file one epoch
+                # behind, never ahead of the checkpoint that --resume reads.
                 save_checkpoint(run_dir / LAST_NAME, model, args, epoch, metrics,
                                 resume_state={
                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "global_step": global_step, "bests": bests, "best_epochs": best_epochs,
                                     "history": history, "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank})
-                atomic_write_json({"finished": False, "epoch": epoch, "bests": bests,
-                                   "best_epochs": best_epochs, "history": history}, run_dir / "train_state.json")
+                write_state(False, epoch)
+                last_saved = epoch
             scalars.flush()
             log.info(epoch_summary(epoch, args.epochs, train_stats, metrics, record["seconds"]))
-            if args.do_eval and epoch >= max(EARLY_STOP_MIN_EPOCHS,
-                                             max(best_epochs[k] for k in EARLY_STOP_METRICS) + EARLY_STOP_PATIENCE):
+            if args.do_eval and early_stop(epoch, best_epochs):
                 log.info(f"early stop after epoch {epoch} (no improvement for {EARLY_STOP_PATIENCE} epochs)")
                 break
         if dist_info.is_main:
@@ -118,41 +233,16 @@ def main(argv: list[str] | None = None) -> int:
             if history and history[-1].get("val"):
                 log.info("last validation:\n" + format_table({"val": history[-1]["val"]}))
             if args.save_model:
-                atomic_write_json({"finished": True, "epoch": history[-1]["epoch"] if history else start_epoch - 1,
-                                   "bests": bests, "best_epochs": best_epochs, "history": history},
-                                  run_dir / "train_state.json")
+                write_state(True, history[-1]["epoch"] if history else start_epoch - 1)
     except NonFiniteLossError as e:
-        log.error(f"{e}\nStopped. The checkpoints in {run_dir} are from the last completed epoch and were "
-                  "not overwritten.")
+        saved = (f"The checkpoints in {run_dir} are those of epoch {last_saved} and were not overwritten"
+                 if last_saved > 0 and args.save_model else "No checkpoint was written")
+        log.error(f"{e}\nTraining stopped. {saved}.")
         status = 1
     finally:
         scalars.close()
         D.cleanup()
     return status
-
-
-def resume_from(args, model, optimizer, scheduler, device, dist_info=D.DistInfo()):
-    """Every rank reads the same file, so all start from identical weights and optimizer state."""
-    path = Path(args.resume)
-    if path.is_dir():
-        path = path / LAST_NAME
-    state = load_checkpoint(path)
-    if "resume" not in state:
-        raise CheckpointError(f"{path} holds no resume state (only {LAST_NAME} files written by train.py do)")
-    load_model_weights(model, state, path)
-    r = state["resume"]
-    optimizer.load_state_dict(r["optimizer"])
-    scheduler.load_state_dict(r["scheduler"])
-    per_rank = r.get("rng_per_rank") or []
-    if len(per_rank) == dist_info.world_size:
-        restore_rng(per_rank[dist_info.rank])
-    else:
-        # Saved with another number of processes: rank 0's state everywhere, other ranks reseeded
-        # so their dropout masks stay independent (the run continues, not bit for bit).
-        restore_rng(r["rng"])
-        if dist_info.rank:
-            torch.manual_seed(args.seed + 1000 * state["epoch"] + dist_info.rank)
-    return state["epoch"] + 1, r["global_step"], r["bests"], r["best_epochs"], r["history"]
 
 
 def epoch_summary(epoch: int, epochs: int, train_stats: dict, metrics: dict, seconds: float) -> str:
@@ -165,10 +255,15 @@ def epoch_summary(epoch: int, epochs: int, train_stats: dict, metrics: dict, sec
     return line + f" | {seconds:.1f}s"
 
 
-if __name__ == "__main__":
+def cli() -> int:
     try:
-        sys.exit(main())
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        # Our own input errors carry their explanation: print it, not a traceback.
-        get_logger().error(str(e)) if get_logger().handlers else print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return main()
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a bug: keep its traceback
+        report_user_error(e, get_logger())
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

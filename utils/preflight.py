@@ -21,15 +21,18 @@ RUN_FILE_PATTERNS = ("pytorch_model.bin*", "train_state.json", "events.out.tfeve
 # A folder holding one of these is a run (finished or resumable) that must not be mixed with a new one.
 RUN_MARKERS = ("pytorch_model.bin*", "train_state.json")
 
-# Settings of a resumed run that may differ from the original command line: they say where
-# the data and outputs are and how the machine runs, not what is trained. Every other
-# setting is taken from the run's checkpoint (see resume_settings).
-RUNTIME_KEYS = frozenset({
-    "device", "amp", "compile", "num_workers", "eval_chunk", "use_packed", "batch_size_val",
+# Settings of a resumed run (see resume_settings). INVOCATION_KEYS always come from the
+# command line: how this machine runs and logs, not what is trained. RELOCATABLE_KEYS (where
+# the data and outputs are) come from the run unless given again, and may then differ.
+# Every other setting decides what is trained and comes from the run.
+INVOCATION_KEYS = frozenset({
+    "device", "amp", "compile", "num_workers", "eval_chunk", "local_rank", "rank", "world_size",
+    "resume", "resume_path", "overwrite", "start_epoch", "mode", "load_uni_model_path", "save_json",
+    "tb_writer", "num_display", "metrics_json",
+})
+RELOCATABLE_KEYS = frozenset({
     "train_csv", "val_csv", "test_csv", "frozen_feature_path", "music_frozen_feature_path",
-    "frame_frozen_feature_path", "output_dir", "name", "metrics_json", "load_uni_model_path",
-    "resume", "resume_path", "overwrite", "start_epoch", "num_display", "tb_writer", "save_model",
-    "save_json", "local_rank", "rank", "world_size", "mode",
+    "frame_frozen_feature_path", "use_packed", "output_dir", "name", "batch_size_val", "save_model",
 })
 
 # (module, class) of the project's input errors: train.py/test.py print their message and
@@ -149,24 +152,26 @@ def given_flags(argv: Sequence[str], mode: str = "train") -> set[str]:
 
 
 def resume_settings(args: Any, saved: dict, given: set[str], source: str) -> list[str]:
-    """Make `args` the resumed run's settings: the checkpoint's values for everything that
-    decides what is trained (so `--resume RUN` alone continues the same run), the command
-    line for RUNTIME_KEYS. A flag given explicitly with another value than the run used is
-    an error, except --epochs (a finished run may be extended; its learning-rate schedule
-    is then recomputed for the new length, so it is not the run a longer --epochs would
-    have given). Returns "key: value" notes for the settings taken from the checkpoint
-    that differ from this command line's defaults.
+    """Make `args` the resumed run's settings, so that `--resume RUN` alone continues the same run.
+
+    The run's value is taken for every setting except INVOCATION_KEYS and the flags given on
+    this command line. A given flag may differ from the run for RELOCATABLE_KEYS (data moved,
+    ...) and for --epochs (a finished run may be extended; its learning-rate schedule is then
+    recomputed for the new length, so it is not the run a longer --epochs would have given);
+    for any other setting a different value is an error. Returns "key: value" notes for the
+    settings taken from the run that differ from this command line's defaults.
     """
     conflicts, notes = [], []
     for key, value in saved.items():
-        if key in RUNTIME_KEYS or not hasattr(args, key):
+        if key in INVOCATION_KEYS or not hasattr(args, key):
             continue
         current = getattr(args, key)
         if _same(current, value):
             continue
-        if key in given and key != "epochs":
-            conflicts.append(f"--{key} {current!r} (the run used {value!r})")
-        elif key not in given:
+        if key in given:
+            if key not in RELOCATABLE_KEYS and key != "epochs":
+                conflicts.append(f"--{key} {current!r} (the run used {value!r})")
+        else:
             notes.append(f"{key}: {value!r}")
             setattr(args, key, value)
     if conflicts:
@@ -175,6 +180,10 @@ def resume_settings(args: Any, saved: dict, given: set[str], source: str) -> lis
             + "\n  ".join(conflicts)
             + "\nA resumed run continues with its own settings: drop these flags (or start a new run "
             "with another --name to train with them).")
+    if "frozen_feature_path" in given:  # the derived folders follow the new root
+        from utils.options import STRIDE_DIRS
+        args.music_frozen_feature_path = os.path.join(args.frozen_feature_path, STRIDE_DIRS[float(args.stride)])
+        args.frame_frozen_feature_path = os.path.join(args.frozen_feature_path, "vit_feature1")
     return notes
 
 

@@ -1,12 +1,12 @@
-"""Set-up shared by train.py and test.py: device, seeds, run folder, loaders, model and optimizer.
+"""Set-up shared by train.py and test.py: device, seeds, loaders, model and optimizer.
 
-Kept out of train.py so that the training loop there reads top to bottom.
+Kept out of train.py so that the training loop there reads top to bottom. The checks that
+need no torch (run folder, CSVs, batch size, resumed settings) are in utils/preflight.py.
 """
 from __future__ import annotations
 
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +16,16 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from utils.distributed import DistInfo, ShardSampler, ddp_wrap, has_unused_parameters
 from utils.logger import get_logger
-
-
-class RunDirError(ValueError):
-    """The output folder holds a finished run (or is unusable) and --overwrite was not given."""
+# RunDirError is re-exported for callers that imported it from here.
+from utils.preflight import ConfigError, RunDirError, check_batch_size, load_split  # noqa: F401
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but CUDA is not available on this machine "
-                         "(use --device cpu or auto)")
+        raise ConfigError(f"--device {name} was asked for but CUDA is not available on this machine "
+                          "(use --device cpu or auto)")
     return torch.device(name)
 
 
@@ -58,30 +56,6 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_dir_for(args: Any, dist_info: DistInfo) -> Path:
-    """<output_dir>/<train_data>/<MMDD>+<name>, as the original; --resume reuses the run's own folder.
-
-    A folder that already holds checkpoints is never written into unless --resume or --overwrite
-    says so, and nothing in it is ever deleted.
-    """
-    if args.resume:
-        resume = Path(args.resume)
-        run_dir = resume if resume.is_dir() else resume.parent
-        if not run_dir.is_dir():
-            raise RunDirError(f"--resume {args.resume}: no such run folder or checkpoint")
-        return run_dir
-    run_dir = Path(args.output_dir) / args.train_data / f"{time.strftime('%m%d')}+{args.name}"
-    existing = sorted(p.name for p in run_dir.glob("pytorch_model.bin*")) if run_dir.is_dir() else []
-    if existing and not args.overwrite:
-        raise RunDirError(
-            f"{run_dir} already holds a run ({', '.join(existing[:4])}{'...' if len(existing) > 4 else ''}). "
-            "Pass --resume " + str(run_dir) + " to continue it, --overwrite to train again into it "
-            "(its checkpoints will be replaced), or choose another --name.")
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def describe_run(args: Any, device: torch.device, dist_info: DistInfo, run_dir: Path) -> str:
     lines = [f"run folder: {run_dir}", f"device: {device}"
              + (f" x {dist_info.world_size} processes" if dist_info.enabled else "")]
@@ -91,6 +65,14 @@ def describe_run(args: Any, device: torch.device, dist_info: DistInfo, run_dir: 
 
 def _num_workers(args: Any) -> int:
     return max(0, min(int(args.num_workers), os.cpu_count() or 1))
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator. Without one, every new loader iterator draws its workers'
+    base seed from the GLOBAL torch RNG, which also drives dropout; with persistent workers
+    that draw happens only in a process's first epoch, so a resumed process would draw once
+    more than the uninterrupted run and continue with other dropout masks."""
+    return torch.Generator().manual_seed(seed)
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int, dist_info: DistInfo,
@@ -106,7 +88,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: 
     workers = _num_workers(args)
     loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
                         collate_fn=collate_fn, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, generator=_loader_generator(seed))
     return loader, sampler
 
 
@@ -119,30 +101,44 @@ def make_eval_loader(dataset, batch_size: int, dist_info: DistInfo, device: torc
     workers = _num_workers(args)
     return DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
                       collate_fn=collate_fn, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, generator=_loader_generator(args.seed))
 
 
-def build_loaders(args: Any, dist_info: DistInfo, device: torch.device, need_train: bool):
-    """(train_loader, val_loader, train_sampler) for train.py."""
-    from utils.dataset import build_dataset
+def build_datasets(args: Any, frames: list) -> list:
+    """MGSVDatasets for validated annotation DataFrames (utils.preflight.load_split), sharing
+    one feature store (one music cache, one set of packed arrays). Every id's files must
+    exist; the first few are loaded and checked (utils.features explains the policy)."""
+    from utils.dataset import MGSVDataset
+    from utils.features import FeatureStore
+    store = FeatureStore(args.frozen_feature_path, stride=args.stride, max_m_duration=args.max_m_duration,
+                         num_frames=args.max_v_frames, use_packed=bool(args.use_packed))
+    datasets = []
+    for df in frames:
+        store.check(df["video_id"], df["music_id"])
+        datasets.append(MGSVDataset(df, store, max_m_duration=args.max_m_duration))
+    return datasets
+
+
+def build_loaders(args: Any, dist_info: DistInfo, device: torch.device, need_train: bool = True,
+                  train_df=None, val_df=None):
+    """(train_loader, val_loader or None, train_sampler) for train.py.
+
+    train_df/val_df: the splits' annotations when the caller already loaded them
+    (utils.preflight.load_split); read from --train_csv/--val_csv otherwise.
+    """
     log = get_logger()
-    common = dict(frozen_feature_path=args.frozen_feature_path, stride=args.stride,
-                  max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows,
-                  use_packed=bool(args.use_packed))
-    train_ds = build_dataset(args.train_csv, **common)
-    per_rank_batch = args.batch_size_train // dist_info.world_size
-    if per_rank_batch < 1 or per_rank_batch * dist_info.world_size != args.batch_size_train:
-        raise ValueError(f"--batch_size_train {args.batch_size_train} must be a positive multiple of the "
-                         f"number of processes ({dist_info.world_size})")
-    if len(train_ds) // dist_info.world_size < per_rank_batch:
-        raise ValueError(f"--batch_size_train {args.batch_size_train} is larger than the training set "
-                         f"({len(train_ds)} rows in {args.train_csv}); with drop_last no step would run. "
-                         "Lower --batch_size_train.")
+    if train_df is None:
+        train_df = load_split(args.train_csv, args)
+    if val_df is None and args.do_eval:
+        val_df = load_split(args.val_csv, args)
+    datasets = build_datasets(args, [train_df] + ([val_df] if val_df is not None else []))
+    train_ds = datasets[0]
+    per_rank_batch = check_batch_size(len(train_ds), args.batch_size_train, dist_info.world_size, args.train_csv)
     train_loader, train_sampler = make_loader(train_ds, per_rank_batch, True, True, args.seed, dist_info,
                                               device, args)
     val_loader = None
-    if args.do_eval:
-        val_ds = build_dataset(args.val_csv, **common)
+    if val_df is not None:
+        val_ds = datasets[1]
         val_loader = make_eval_loader(val_ds, args.batch_size_val, dist_info, device, args)
         log.info(f"train: {len(train_ds)} rows, {len(train_loader)} steps/epoch; val: {len(val_ds)} rows")
     else:
