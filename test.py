@@ -23,6 +23,7 @@ from utils.io import atomic_write_json
 from utils.logger import get_logger, setup_logger
 from utils.metrics import METRIC_KEYS, format_table
 from utils.options import parse_args
+from utils.preflight import is_user_error, report_user_error
 from utils.runtime import make_eval_loader, resolve_device, seed_everything
 
 
@@ -36,6 +37,24 @@ def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
     if not found:
         raise CheckpointError(f"no checkpoint named {', '.join(names)} in {path}")
     return found
+
+
+def prediction_rows(collected, details: dict, ranking: int) -> list[dict]:
+    """The --save_json rows: utils.engine.per_video_predictions plus, per video,
+      ranked_music_ids  the best `ranking` tracks (0 = all), the ground truth placed after any
+                        track with the same score, as the metrics rank it;
+      pred_raw          [start, end] of the detector in seconds, before clipping, full precision.
+    {video_id, ranked_music_ids, pred_st: pred_raw[0], pred_ed: pred_raw[1]} is the input of
+    `python -m utils.evaluate`, which then gives this script's metrics (all of them with the
+    full ranking; R@k, MoR@k for k <= ranking and SmG otherwise)."""
+    from utils.evaluate import predictions_from_scores
+    records = predictions_from_scores(collected.video_ids, details["scores"], collected.unique_music_ids,
+                                      collected.music_ids, collected.pred_se, top_k=ranking or None)
+    rows = per_video_predictions(collected, details)
+    for row, rec in zip(rows, records):
+        row["ranked_music_ids"] = rec["ranked_music_ids"]
+        row["pred_raw"] = [rec["pred_st"], rec["pred_ed"]]
+    return rows
 
 
 def split_name(csv_path: str) -> str:
@@ -53,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
     ckpt_root = Path(args.load_uni_model_path)
+    paths = checkpoints_to_test(ckpt_root, args.test_best)  # before the log folder is made beside them
     log_dir = (ckpt_root if ckpt_root.is_dir() else ckpt_root.parent) / f"{args.test_data}-{split_name(args.test_csv)}"
     log = setup_logger(log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-uni-{args.name}-{args.test_data}_test.log",
                        is_main=dist_info.is_main)
     seed_everything(args.seed)
 
-    paths = checkpoints_to_test(ckpt_root, args.test_best)
     dataset = build_dataset(args.test_csv, frozen_feature_path=args.frozen_feature_path, stride=args.stride,
                             max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows,
                             use_packed=bool(args.use_packed))
@@ -82,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_json and dist_info.is_main:
             out = log_dir / (f"uni_{split_name(args.test_csv)}_{state.get('epoch')}_"
                              f"Mo-R1={metrics['R1_iou0.7']:.2f}.json")
-            atomic_write_json(per_video_predictions(collected, details), out)
+            atomic_write_json(prediction_rows(collected, details, args.save_json_ranking), out)
             log.info(f"per-video predictions: {out}")
     if args.metrics_json and dist_info.is_main:
         # A flat object with exactly METRIC_KEYS; several checkpoints give one file each,
@@ -99,9 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
     try:
-        sys.exit(main())
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return main()
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a bug: keep its traceback
+        report_user_error(e, get_logger())
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -263,6 +263,9 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
         g = p.add_argument_group("test")
         g.add_argument("--test_best", type=flag01, default=1,
                        help="evaluate the best checkpoints found in --load_uni_model_path")
+        g.add_argument("--save_json_ranking", type=nonneg_int, default=100,
+                       help="tracks in each video's ranked_music_ids in the --save_json file (0 = all: what "
+                            "`python -m utils.evaluate` needs to reproduce MedianR/MeanR/MRR exactly)")
     return p
 
 
