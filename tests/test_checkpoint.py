@@ -6,8 +6,6 @@ import io
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import REPO_ROOT, TINY_MODEL, cli_env
+from cli_helpers import TINY_MODEL, start_cli
 from model.made import build_model
 from utils.checkpoint import (LAST_NAME, CheckpointError, load_checkpoint, load_model_weights,
                               load_resume_checkpoint, resume_checkpoint_path, save_checkpoint)
@@ -81,9 +79,10 @@ def test_sigkill_mid_write_keeps_the_previous_checkpoint(tiny, tmp_path: Path) -
     path = tmp_path / LAST_NAME
     save_checkpoint(path, model, args, epoch=1)
     good = path.read_bytes()
-    script = textwrap.dedent(f"""
-        import io, sys, time, torch
-        sys.path.insert(0, {str(REPO_ROOT)!r})
+    marker = tmp_path / "writing.flag"
+    script = tmp_path / "write_and_hang.py"
+    script.write_text(textwrap.dedent(f"""
+        import io, pathlib, time, torch
         from model.made import build_model
         from utils.checkpoint import save_checkpoint
         from utils.options import parse_args
@@ -91,27 +90,30 @@ def test_sigkill_mid_write_keeps_the_previous_checkpoint(tiny, tmp_path: Path) -
         def stalled(obj, f, *a, **k):   # write half of the file, flush it, then hang until killed
             buf = io.BytesIO(); real_save(obj, buf)
             f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
-            print("writing", flush=True); time.sleep(600)
+            pathlib.Path({str(marker)!r}).touch(); time.sleep(600)
         torch.save = stalled
         args = parse_args({TINY_MODEL!r})
         save_checkpoint({str(path)!r}, build_model(args), args, epoch=2)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
+    """))
+    proc = start_cli(str(script), [], tmp_path / "out.log")
     try:
-        assert proc.stdout.readline().strip() == "writing"
-        partial = [p for p in tmp_path.iterdir() if p.name != LAST_NAME]
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.is_alive() and time.time() < deadline, (tmp_path / "out.log.err").read_text()
+            time.sleep(0.02)
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(f".{LAST_NAME}.")]
         assert len(partial) == 1 and partial[0].stat().st_size > 0   # the half-written temporary file
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.kill()  # SIGKILL
+        proc.join(30)
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.exitcode == -signal.SIGKILL
     assert path.read_bytes() == good
     assert load_checkpoint(path)["epoch"] == 1
     # The orphaned temporary file is hidden (".pytorch_model.bin.last.*.tmp") and is never read as a checkpoint.
-    (orphan,) = [p for p in tmp_path.iterdir() if p.name != LAST_NAME]
-    assert orphan.name.startswith(f".{LAST_NAME}.") and orphan.name.endswith(".tmp")
+    (orphan,) = [p for p in tmp_path.iterdir() if p.name.startswith(f".{LAST_NAME}.")]
+    assert orphan.name.endswith(".tmp")
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(orphan)
 
@@ -170,12 +172,15 @@ def test_resume_lookup(tiny, tmp_path: Path) -> None:
 
 def test_resume_settings_come_from_the_run(tiny) -> None:
     saved_args, _ = tiny
-    saved = dict(vars(saved_args), epochs=3, seed=7, train_csv="/old/train.csv")
-    argv = ["--resume", "RUN", "--train_csv", "/new/train.csv", "--epochs", "5"]
+    saved = dict(vars(saved_args), epochs=3, seed=7, train_csv="/old/train.csv", val_csv="/old/val.csv",
+                 device="cuda", num_workers=8)
+    argv = ["--resume", "RUN", "--train_csv", "/new/train.csv", "--epochs", "5", "--device", "cpu"]
     args = parse_args(argv)
     notes = resume_settings(args, saved, given_flags(argv), "RUN")
     assert (args.dim_input, args.seed, args.detr_dec_layers) == (32, 7, 2)       # from the run
-    assert args.train_csv == "/new/train.csv" and args.epochs == 5               # runtime key / extension
+    assert args.val_csv == "/old/val.csv"                                        # not given: the run's
+    assert args.train_csv == "/new/train.csv" and args.epochs == 5               # moved data / extension
+    assert (args.device, args.num_workers) == ("cpu", 32)                        # this machine's, always
     assert any(n.startswith("dim_input") for n in notes)
     argv = ["--resume", "RUN", "--seed", "8", "--dim_input", "64"]
     with pytest.raises(ConfigError) as info:

@@ -1,0 +1,225 @@
+"""Reliability of training runs (issue 6): SIGKILL + --resume gives the uninterrupted run bit for
+bit, the seed fixes everything, a NaN loss stops the run without touching its checkpoints,
+and run folders are never overwritten or deleted unless asked.
+
+The runs are tiny (48 training rows, 3 steps per epoch) and use one DataLoader worker, so
+that the persistent worker process is part of what a resume must reproduce.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import (assert_clean_failure, comparable_history, demo_paths, linked_feature_root, only_run_dir,
+                         output, read_csv_text, read_state, replace_file, run_cli, start_cli, subset_csv, train_args)
+from utils.checkpoint import LAST_NAME
+
+EPOCHS = 3
+WORKERS = ["--num_workers", "1"]
+
+
+def _checkpoints(run_dir: Path) -> dict[str, dict]:
+    return {p.name: torch.load(p, weights_only=False) for p in sorted(run_dir.glob("pytorch_model.bin*"))}
+
+
+def _assert_tensors_equal(a, b, where: str) -> None:
+    """Nested dicts/lists of tensors and numbers, compared exactly."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            _assert_tensors_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_tensors_equal(x, y, f"{where}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def data(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("resume")
+    demo = demo_paths(demo_data)
+    return {"root": root, "features": demo["features"],
+            "train": subset_csv(demo["train"], root / "train_data.csv", 48),
+            "val": subset_csv(demo["val"], root / "val_data.csv", 20)}
+
+
+def _args(data: dict, out: Path, *extra: str) -> list[str]:
+    return train_args(data["train"], data["val"], data["features"], out, EPOCHS, *WORKERS, *extra)
+
+
+@pytest.fixture(scope="module")
+def runs(data: dict) -> dict:
+    """The uninterrupted run, and the same run killed with SIGKILL in the middle of epoch 2 then
+    resumed with --resume (the first two run side by side)."""
+    killed_out, log = data["root"] / "killed", data["root"] / "killed.out"
+    reference_log = data["root"] / "reference.out"
+    killed = start_cli("train.py", _args(data, killed_out), log)
+    reference = start_cli("train.py", _args(data, data["root"] / "reference"), reference_log)
+    try:
+        run_dir = _wait_for_epoch_2(killed, killed_out, log)
+        killed.kill()  # SIGKILL
+        killed.join(60)
+        reference.join(300)
+    finally:
+        for proc in (killed, reference):
+            if proc.is_alive():
+                proc.kill()
+    assert killed.exitcode == -signal.SIGKILL
+    assert reference.exitcode == 0, reference_log.read_text()[-3000:] + Path(f"{reference_log}.err").read_text()
+    state_at_kill = read_state(run_dir)
+    resume = run_cli("train.py", ["--resume", run_dir, "--device", "cpu", *WORKERS])
+    assert resume.returncode == 0, output(resume)[-3000:]
+    return {"reference": only_run_dir(data["root"] / "reference"), "resumed": run_dir,
+            "state_at_kill": state_at_kill, "resume_output": output(resume)}
+
+
+@pytest.fixture(scope="module")
+def reference(runs: dict) -> Path:
+    return runs["reference"]
+
+
+def _wait_for_epoch_2(proc, out: Path, log: Path, timeout: float = 300) -> Path:
+    """Return once epoch 1 is saved (train_state.json) and a step of epoch 2 has been logged."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.is_alive(), f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
+        runs = [p for p in out.glob("*/*") if (p / "train_state.json").is_file()]
+        if runs and read_state(runs[0])["epoch"] == 1:
+            logs = list(runs[0].glob("*_train.log"))
+            if logs and "epoch 2 step 1/" in logs[0].read_text():
+                return runs[0]
+        time.sleep(0.02)
+    raise AssertionError(f"epoch 2 never started:\n{log.read_text()[-3000:]}")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(runs: dict) -> None:
+    reference, resumed = runs["reference"], runs["resumed"]
+    assert runs["state_at_kill"]["epoch"] == 1           # killed in epoch 2, before it was saved
+    assert "resumed from epoch 1" in runs["resume_output"]
+    ref, got = read_state(reference), read_state(resumed)
+    assert got["finished"] and ref["finished"] and got["epoch"] == ref["epoch"] == EPOCHS
+    assert got["bests"] == ref["bests"] and got["best_epochs"] == ref["best_epochs"]
+    assert comparable_history(got) == comparable_history(ref)   # every loss and metric, exactly
+    ref_ckpts, got_ckpts = _checkpoints(reference), _checkpoints(resumed)
+    assert ref_ckpts.keys() == got_ckpts.keys() and LAST_NAME in ref_ckpts
+    for name in ref_ckpts:
+        assert got_ckpts[name]["epoch"] == ref_ckpts[name]["epoch"], name
+        _assert_tensors_equal(ref_ckpts[name]["model_state_dict"], got_ckpts[name]["model_state_dict"], name)
+    # The optimizer moments, the schedule and the RNG streams carried on too.
+    for key in ("optimizer", "scheduler", "global_step", "rng"):
+        _assert_tensors_equal(ref_ckpts[LAST_NAME]["resume"][key], got_ckpts[LAST_NAME]["resume"][key], key)
+
+
+def test_resume_of_a_finished_run_changes_nothing(reference: Path, data: dict) -> None:
+    run = data["root"] / "finished_copy"
+    shutil.copytree(reference, run)
+    before = {p.name: p.read_bytes() for p in run.glob("pytorch_model.bin*")}
+    proc = run_cli("train.py", ["--resume", run, "--device", "cpu", "--num_workers", "0"])
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert "already finished" in output(proc)
+    assert {p.name: p.read_bytes() for p in run.glob("pytorch_model.bin*")} == before
+
+
+def test_seed_fixes_initialisation_dropout_and_data_order(data: dict) -> None:
+    """In-process: the same seed gives the same weights, dropout masks and batches; another seed does not."""
+    from model.made import build_model
+    from utils.dataset import build_dataset
+    from utils.distributed import DistInfo
+    from utils.options import parse_args
+    from utils.runtime import make_loader, seed_everything
+    args = parse_args(["--dim_input", "32", "--detr_dim_feedforward", "64", "--detr_enc_layers", "1",
+                       "--detr_dec_layers", "2", "--contrastive_dim", "32", "--num_workers", "0"])
+    dataset = build_dataset(data["train"], data["features"])
+
+    def run(seed: int, epoch: int):
+        seed_everything(seed)
+        model = build_model(args).train()
+        loader, sampler = make_loader(dataset, 16, True, True, seed, DistInfo(), torch.device("cpu"), args)
+        sampler.set_epoch(epoch)
+        batch = next(iter(loader))
+        out = model(batch)["detection"]["pred_spans"]  # dropout active (train mode)
+        return model.state_dict(), batch["video_id"], out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy 2-core machine runs this tiny model faster on one thread
+    try:
+        w1, order1, out1 = run(7, 1)
+        w2, order2, out2 = run(7, 1)
+        w3, order3, _ = run(8, 1)
+        _, order4, _ = run(7, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and order1 == order2 and torch.equal(out1, out2)
+    assert not torch.equal(w1["video_encoder.proj.weight"], w3["video_encoder.proj.weight"]) and order1 != order3
+    assert order4 != order1  # the order changes with the epoch (and only with seed and epoch)
+
+
+# ------------------------------------------------------------------ run folders
+def test_finished_run_is_not_overwritten(reference: Path, data: dict) -> None:
+    out = data["root"] / "refuse"
+    target = out / reference.parent.name / time.strftime("%m%d+MaDe")
+    shutil.copytree(reference, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    proc = run_cli("train.py", _args(data, out))
+    assert_clean_failure(proc, 2, f"{target} already holds a run", f"--resume {target}", "--overwrite")
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+
+
+def test_overwrite_sets_the_old_run_aside(reference: Path, data: dict) -> None:
+    """--overwrite trains again (here with another seed) and moves, never deletes, the old files."""
+    out = data["root"] / "overwrite"
+    target = out / reference.parent.name / time.strftime("%m%d+MaDe")
+    shutil.copytree(reference, target)
+    (target / "my_notes.txt").write_text("keep me")
+    old = {p.name: p.read_bytes() for p in target.glob("pytorch_model.bin*")}
+    args = train_args(data["train"], data["val"], data["features"], out, 1, "--overwrite", "--seed", "8")
+    proc = run_cli("train.py", args)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    (aside,) = target.glob("replaced-*")
+    assert {p.name: p.read_bytes() for p in aside.glob("pytorch_model.bin*")} == old
+    assert (target / "my_notes.txt").read_text() == "keep me"
+    new = read_state(target)
+    assert new["epoch"] == 1 and len(new["history"]) == 1
+    # Another seed, another run: its first epoch differs from the reference's.
+    assert comparable_history(new)[0] != comparable_history(read_state(reference))[0]
+
+
+def test_resume_with_conflicting_flags(reference: Path) -> None:
+    proc = run_cli("train.py", ["--resume", reference, "--seed", "8", "--dim_input", "64", "--device", "cpu"])
+    assert_clean_failure(proc, 2, "these flags differ from the settings the run was trained with",
+                         "--seed 8 (the run used 7)", "--dim_input 64 (the run used 32)")
+
+
+def test_resume_of_nothing(data: dict) -> None:
+    proc = run_cli("train.py", ["--resume", data["root"] / "nowhere", "--device", "cpu"])
+    assert_clean_failure(proc, 2, "no such run folder or checkpoint file")
+
+
+# ------------------------------------------------------------------ NaN loss
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoints(reference: Path, data: dict) -> None:
+    """A training video whose features are finite but huge (a broken extractor) overflows the
+    model to NaN in the epoch after the saved ones: exit 1, and the run's files stay as they were."""
+    run = data["root"] / "nan_run"
+    shutil.copytree(reference, run)
+    features = linked_feature_root(data["features"], data["root"] / "nan_features", [data["train"], data["val"]])
+    video = read_csv_text(data["train"])["video_id"].iloc[10]
+    path = features / "vit_feature1" / "vit_feature" / f"{video}.pt"
+    huge = torch.load(path, weights_only=True) * 1e30
+    import io
+    buffer = io.BytesIO()
+    torch.save(huge, buffer)
+    replace_file(path, buffer.getvalue())
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith(("pytorch_model", "train_state"))}
+    proc = run_cli("train.py", ["--resume", run, "--epochs", str(EPOCHS + 1), "--frozen_feature_path", features,
+                                "--device", "cpu", "--num_workers", "0"])
+    assert_clean_failure(proc, 1, f"non-finite training loss", f"at epoch {EPOCHS + 1}",
+                         "were not overwritten")
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith(("pytorch_model", "train_state"))}
+    assert after == before
