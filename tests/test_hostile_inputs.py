@@ -159,6 +159,18 @@ def _feature_case(name: str) -> Callable[[dict, Path], Case]:
     return build
 
 
+def _bad_file_found_by_a_worker(base: dict, tmp: Path) -> Case:
+    """A corrupt file that the start-up check does not sample: found in the middle of epoch 1, in a
+    DataLoader worker process. torch re-raises the error in the main process with the worker's
+    traceback inside its message; the user sees only the message."""
+    root = linked_feature_root(base["demo_features"], tmp / "features", [base["train"], base["val"]])
+    video = read_csv_text(base["train"])["video_id"].iloc[30]
+    phrases = _corrupt("NaN values", root, video, "")
+    case = _train(base, tmp, ["error:", *phrases], "--num_workers", "1", features=root)
+    case.no_output_dir = None  # training had started: its folder and log exist, without checkpoints
+    return case
+
+
 def _missing_feature_root(base: dict, tmp: Path) -> Case:
     return _train(base, tmp, ["feature root", "no_features does not exist", "--frozen_feature_path"],
                   features=tmp / "no_features")
@@ -217,17 +229,30 @@ def _no_checkpoint_in_folder(base: dict, tmp: Path) -> Case:
     return _test_py(base, tmp, ["no checkpoint named", str(tmp)])
 
 
+def _test_py_bad_csv(base: dict, tmp: Path) -> Case:
+    """test.py validates its CSV like train.py (here before reading the checkpoint, which is garbage)."""
+    csv = tmp / "test_data.csv"
+    csv.write_text(read_csv_text(base["val"]).drop(columns=["video_id"]).to_csv(index=False))
+    checkpoint = tmp / "pytorch_model.bin.best_r1"
+    checkpoint.write_bytes(b"not used")
+    case = _test_py(base, checkpoint, [str(csv), "missing required column(s) ['video_id']"])
+    case.args[case.args.index(base["val"])] = csv
+    return case
+
+
 CASES: dict[str, Callable[[dict, Path], Case]] = {
     **{f"csv: {name}": _csv_case(name) for name in CSV_CASES},
     "csv: empty file": _empty_csv,
     "csv: missing file": _missing_csv,
     **{f"features: {name}": _feature_case(name) for name in FEATURE_CASES},
+    "features: bad file found during training": _bad_file_found_by_a_worker,
     "features: missing folder": _missing_feature_root,
     **{f"flags: {name}": _flag_case(name) for name in FLAG_CASES},
     "checkpoint: another configuration": _other_configuration,
     "checkpoint: truncated": _truncated_checkpoint,
     "checkpoint: foreign": _foreign_checkpoint,
     "checkpoint: none in the folder": _no_checkpoint_in_folder,
+    "test.py: bad CSV": _test_py_bad_csv,
 }
 if not torch.cuda.is_available():
     CASES["flags: cuda without cuda"] = _cuda_without_cuda
@@ -255,3 +280,16 @@ def test_hostile_input(all_runs: dict, name: str) -> None:
     assert_clean_failure(proc, case.status, *case.phrases)
     if case.no_output_dir is not None:
         assert not case.no_output_dir.exists(), "a run that could not start left a folder behind"
+
+
+def test_only_project_errors_are_reported_without_traceback() -> None:
+    """train.py/test.py print the project's own errors as one message; anything else is a bug."""
+    from utils.annotations import AnnotationError
+    from utils.features import FeatureError
+    from utils.preflight import ConfigError, is_user_error, user_error_message
+    assert is_user_error(AnnotationError("x")) and is_user_error(ConfigError("y")) and is_user_error(FeatureError("z"))
+    assert not is_user_error(ValueError("a bare ValueError from torch or numpy is a bug"))
+    assert not is_user_error(RuntimeError("shape mismatch"))
+    wrapped = FeatureError("Caught FeatureError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                           "call last):\n  File \"x.py\", line 1\nutils.features.FeatureError: a.pt: bad\n")
+    assert user_error_message(wrapped) == "a.pt: bad"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -77,9 +78,12 @@ def user_error_message(exc: BaseException) -> str:
     worker's traceback that torch embeds in the message."""
     text = str(exc)
     if "Original Traceback (most recent call last)" in text:
-        marker = f"\n{type(exc).__name__}: "
-        if marker in text:
-            text = text[text.rindex(marker) + len(marker):]
+        # The worker's traceback ends with "<module.>ClassName: <the original message>".
+        last = None
+        for last in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ", text, flags=re.MULTILINE):
+            pass
+        if last is not None:
+            text = text[last.end():]
     return text.strip()
 
 
