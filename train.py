@@ -32,12 +32,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from utils.logger import get_logger, setup_logger
 from utils.options import parse_args
 from utils.preflight import (check_batch_size, check_new_run_dir, given_flags, is_user_error, load_split, new_run_dir,
                              report_user_error, resume_settings, set_aside_previous_run)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Early stopping (original): stop once epoch >= max(60, latest best epoch of these metrics + 20).
 EARLY_STOP_METRICS = ("R1", "R5", "mIoU", "R1_iou0.5", "R1_iou0.7")
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if finished(resume, args):
             log.info(f"{run_dir}: the run already finished (epoch {resume['epoch']} of {args.epochs}); nothing "
                      "to do. Pass a larger --epochs to train it further.")
-            mark_finished(run_dir, resume)
+            if os.environ.get("RANK", "0") == "0":
+                mark_finished(run_dir, resume)
             return 0
     else:
         run_dir = new_run_dir(args)
@@ -110,7 +114,9 @@ def mark_finished(run_dir: Path, resume: dict) -> None:
                        "best_epochs": r["best_epochs"], "history": r["history"]}, path)
 
 
-def train(args: Any, run_dir: Path, train_df, val_df, resume: dict | None) -> int:
+def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame | None,
+          resume: dict | None) -> int:
+    """Build everything, then the epoch loop; returns the exit status (1: stopped by a NaN/inf)."""
     # Imported here, after main's cheap checks: torch alone takes seconds to import.
     import torch
 
