@@ -4,6 +4,10 @@ Post-norm by default (detr_pre_norm 0), ReLU FFN, built on nn.MultiheadAttention
 batch-first tensors. Submodule names follow DETR / the authors' checkpoints
 (encoder.layers.<i>.{self_attn,linear1,linear2,norm1,norm2}, decoder.layers.<i>.
 {self_attn,multihead_attn,linear1,linear2,norm1,norm2,norm3}, decoder.norm).
+
+Fast paths (model/fast_ops.py, same parameters, same function): on the CPU the encoder runs
+on the valid tokens only; a decoder with few queries skips projecting the memory into keys
+and values, and one query's self-attention is out_proj(v_proj(tgt)).
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import fast_ops
 
 
 class EncoderLayer(nn.Module):
@@ -28,7 +34,19 @@ class EncoderLayer(nn.Module):
         self.pre_norm = pre_norm
 
     def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(fast_ops.dropout(F.relu(self.linear1(x)), self.dropout.p, self.training))
+
+    def forward_packed(self, src: Tensor, pos: Tensor, packing: fast_ops.TokenPacking) -> Tensor:
+        """forward() on packed valid tokens src, pos [N, d] (model/fast_ops.py)."""
+        drop = lambda x, m: fast_ops.dropout(x, m.p, self.training)  # noqa: E731
+        if self.pre_norm:
+            h = self.norm1(src)
+            src = src + drop(fast_ops.packed_self_attention(self.self_attn, h + pos, h, packing, self.training),
+                             self.dropout1)
+            return src + drop(self._ffn(self.norm2(src)), self.dropout2)
+        attn = fast_ops.packed_self_attention(self.self_attn, src + pos, src, packing, self.training)
+        src = self.norm1(src + drop(attn, self.dropout1))
+        return self.norm2(src + drop(self._ffn(src), self.dropout2))
 
     def forward(self, src: Tensor, key_padding_mask: Tensor, pos: Tensor) -> Tensor:
         if self.pre_norm:
@@ -63,25 +81,37 @@ class DecoderLayer(nn.Module):
         self.use_self_attn = use_self_attn
 
     def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(fast_ops.dropout(F.relu(self.linear1(x)), self.dropout.p, self.training))
+
+    def _self_attn(self, q: Tensor, v: Tensor) -> Tensor:
+        if fast_ops.FAST_PATHS and q.shape[1] == 1:  # softmax over one key is 1
+            return fast_ops.single_query_self_attention(self.self_attn, v, self.training)
+        return self.self_attn(q, q, v, need_weights=False)[0]
+
+    def _cross_attn(self, q: Tensor, memory: Tensor, memory_pos: Tensor, kpm: Tensor) -> Tensor:
+        # Folding the key/value projections into the queries pays while Q * heads << d.
+        if fast_ops.FAST_PATHS and q.shape[1] * self.multihead_attn.num_heads * 4 <= q.shape[2]:
+            return fast_ops.single_query_cross_attention(self.multihead_attn, q, memory_pos, memory, ~kpm,
+                                                         self.training)
+        return self.multihead_attn(q, memory_pos, memory, key_padding_mask=kpm, need_weights=False)[0]
 
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor,
-                pos: Tensor, query_pos: Tensor) -> Tensor:
+                pos: Tensor, query_pos: Tensor, memory_pos: Tensor | None = None) -> Tensor:
+        """memory_pos = memory + pos (computed here when not given: the Decoder passes it once)."""
         kpm = memory_key_padding_mask
+        memory_pos = memory + pos if memory_pos is None else memory_pos
+        drop = lambda x, m: fast_ops.dropout(x, m.p, self.training)  # noqa: E731
         if self.pre_norm:
             if self.use_self_attn:
                 h = self.norm1(tgt)
-                tgt = tgt + self.dropout1(self.self_attn(h + query_pos, h + query_pos, h, need_weights=False)[0])
+                tgt = tgt + drop(self._self_attn(h + query_pos, h), self.dropout1)
             h = self.norm2(tgt)
-            tgt = tgt + self.dropout2(self.multihead_attn(h + query_pos, memory + pos, memory,
-                                                          key_padding_mask=kpm, need_weights=False)[0])
-            return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
+            tgt = tgt + drop(self._cross_attn(h + query_pos, memory, memory_pos, kpm), self.dropout2)
+            return tgt + drop(self._ffn(self.norm3(tgt)), self.dropout3)
         if self.use_self_attn:
-            q = tgt + query_pos
-            tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt, need_weights=False)[0]))
-        tgt = self.norm2(tgt + self.dropout2(self.multihead_attn(tgt + query_pos, memory + pos, memory,
-                                                                 key_padding_mask=kpm, need_weights=False)[0]))
-        return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
+            tgt = self.norm1(tgt + drop(self._self_attn(tgt + query_pos, tgt), self.dropout1))
+        tgt = self.norm2(tgt + drop(self._cross_attn(tgt + query_pos, memory, memory_pos, kpm), self.dropout2))
+        return self.norm3(tgt + drop(self._ffn(tgt), self.dropout3))
 
 
 class Encoder(nn.Module):
@@ -93,6 +123,11 @@ class Encoder(nn.Module):
     def forward(self, src: Tensor, key_padding_mask: Tensor, pos: Tensor) -> Tensor:
         for layer in self.layers:
             src = layer(src, key_padding_mask, pos)
+        return self.norm(src) if self.norm is not None else src
+
+    def forward_packed(self, src: Tensor, pos: Tensor, packing: fast_ops.TokenPacking) -> Tensor:
+        for layer in self.layers:
+            src = layer.forward_packed(src, pos, packing)
         return self.norm(src) if self.norm is not None else src
 
 
@@ -107,8 +142,9 @@ class Decoder(nn.Module):
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor,
                 pos: Tensor, query_pos: Tensor) -> Tensor:
         outputs = []
+        memory_pos = memory + pos  # once, not per layer
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, memory_pos)
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
 
@@ -129,9 +165,17 @@ class Transformer(nn.Module):
     def forward(self, src: Tensor, mask: Tensor, query_content: Tensor, query_pos: Tensor,
                 pos: Tensor) -> tuple[Tensor, Tensor]:
         """src [B, L, d], mask [B, L] (1 valid), query_content/query_pos [B, Q, d], pos [B, L, d]
-        -> (hs [num_decoder_layers, B, Q, d], memory [B, L, d])."""
+        -> (hs [num_decoder_layers, B, Q, d], memory [B, L, d]).
+
+        With token packing (CPU) the encoder skips the padded tokens and their memory rows are
+        0: they are masked keys for the decoder, so nothing depends on them.
+        """
         key_padding_mask = mask == 0
-        memory = self.encoder(src, key_padding_mask, pos)
+        if fast_ops.use_packing(src):
+            packing = fast_ops.TokenPacking(mask)
+            memory = packing.unpack(self.encoder.forward_packed(packing.pack(src), packing.pack(pos), packing))
+        else:
+            memory = self.encoder(src, key_padding_mask, pos)
         hs = self.decoder(query_content, memory, key_padding_mask, pos, query_pos)
         return hs, memory
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fast_ops
 from .position import SinusoidalPositionalEncoding
 
 
@@ -61,6 +62,27 @@ class TemporalTransformer(nn.Module):
                 x = x + ffn(x)
         return self.final_linear(x)
 
+    def forward_packed(self, x: Tensor, packing: fast_ops.TokenPacking) -> Tensor:
+        """forward() on the valid tokens only: x [N, d] packed -> [N, d] (see model/fast_ops.py)."""
+        for norm1, attn, norm2, ffn in self.layers:
+            if self.residual_from_input:
+                h = norm1(x)
+                x = x + fast_ops.packed_self_attention(attn, h, h, packing, self.training)
+                x = x + _ffn(ffn, norm2(x), self.training)
+            else:
+                x = norm1(x)
+                x = x + fast_ops.packed_self_attention(attn, x, x, packing, self.training)
+                x = norm2(x)
+                x = x + _ffn(ffn, x, self.training)
+        return self.final_linear(x)
+
+
+def _ffn(ffn: nn.Sequential, x: Tensor, training: bool) -> Tensor:
+    """The [Linear, GELU, Dropout, Linear, Dropout] block with fast_ops' dropout masks."""
+    lin1, act, drop1, lin2, drop2 = ffn
+    x = fast_ops.dropout(act(lin1(x)), drop1.p, training)
+    return fast_ops.dropout(lin2(x), drop2.p, training)
+
 
 class TemporalEncoder(nn.Module):
     """One modality: projection, positions, temporal transformer, pooling.
@@ -95,6 +117,8 @@ class TemporalEncoder(nn.Module):
 
     def forward(self, feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """feats [B, L, in_dim], mask [B, L] -> (global [B, d] L2-normalised, tokens [B, L, d])."""
+        if self.transformer is not None and self.cls_token is None and fast_ops.use_packing(feats):
+            return self._forward_packed(feats, mask)
         mask = mask.to(feats.dtype)
         pad = (mask == 0)[..., None]
         n_valid = mask.sum(1, keepdim=True)
@@ -108,4 +132,16 @@ class TemporalEncoder(nn.Module):
             y = self.transformer(x, torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1))
             return F.normalize(y[:, 0], dim=-1), y[:, 1:].masked_fill(pad, 0.0)
         y = self.transformer(x, mask).masked_fill(pad, 0.0)
+        return F.normalize(y.sum(1) / n_valid, dim=-1), y
+
+    def _forward_packed(self, feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """forward() computing on the valid rows only; padded rows of the tokens are 0 as there."""
+        packing = fast_ops.TokenPacking(mask)
+        x = self.act(self.proj(packing.pack(feats)))
+        if packing.length > self.position.max_len:
+            raise ValueError(f"sequence of {packing.length} positions exceeds the positional table "
+                             f"({self.position.max_len})")
+        x = x + self.position.pe.index_select(0, packing.positions).to(x.dtype)
+        y = packing.unpack(self.transformer.forward_packed(x, packing))
+        n_valid = mask.to(y.dtype).sum(1, keepdim=True)
         return F.normalize(y.sum(1) / n_valid, dim=-1), y
