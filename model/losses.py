@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from utils.spans import generalized_temporal_iou, span_cw_to_se
 
+from . import fast_ops
 from .matcher import HungarianMatcher
 
 # Loss weights and matcher costs: hard-coded in the original (no flags).
@@ -145,12 +146,59 @@ class SetCriterion(nn.Module):
         final layer, the same with suffix _<i> for auxiliary layer i, and localization_loss
         (the weighted sum over all layers).
         """
+        if (fast_ops.FAST_PATHS and torch.is_tensor(targets) and targets.dim() == 3 and targets.shape[1] == 1
+                and detection["pred_spans"].shape[1] == 1):
+            return self._single_query_losses(detection, targets)
         targets = [t[t[:, 1] > 0] for t in targets]
         losses = self._layer_losses(detection, targets)
         for i, aux in enumerate(detection.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self._layer_losses(aux, targets).items()})
         losses["localization_loss"] = sum(self.weights[k.rsplit("_", 1)[0] if k[-1].isdigit() else k] * v
                                           for k, v in losses.items() if k.startswith("loss_"))
+        return losses
+
+    def _single_query_losses(self, detection: dict, targets: Tensor) -> dict:
+        """forward() for one query and one target per sample, all layers at once.
+
+        The matching is then trivial (query 0 <-> target 0, unless the target has zero width
+        and is dropped), so the per-layer, per-sample loop becomes masked means over a
+        [layers, B] stack: no solver, no Python loop over samples, no host sync.
+        """
+        layers = [*detection.get("aux_outputs", []), detection]          # aux 0..n-1, final last
+        spans = torch.stack([o["pred_spans"][:, 0] for o in layers])      # [layers, B, 2]
+        logits = torch.stack([o["pred_logits"][:, 0] for o in layers])    # [layers, B, 2]
+        tgt = targets[:, 0].to(spans)                                     # [B, 2]
+        matched = tgt[:, 1] > 0                                           # zero-width targets are dropped
+        valid = matched.to(spans.dtype)
+        n_valid = valid.sum()
+        denom = n_valid.clamp(min=1)
+        per_layer = {}
+        # Mean over matched spans and both coordinates (0 when nothing is matched, as the loop).
+        per_layer["loss_span"] = ((spans - tgt).abs().sum(-1) * valid).sum(-1) / (2 * denom)
+        giou = _paired_giou(span_cw_to_se(spans), span_cw_to_se(tgt).expand_as(spans))
+        per_layer["loss_giou"] = torch.where(matched, 1 - giou, torch.zeros_like(giou)).sum(-1) / denom
+        classes = torch.where(matched, self.foreground_label, self.background_label).expand(len(layers), -1)
+        per_layer["loss_label"] = F.cross_entropy(logits.reshape(-1, 2), classes.reshape(-1),
+                                                  self.empty_weight.to(logits.dtype),
+                                                  reduction="none").view(len(layers), -1).mean(-1)
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == self.foreground_label).to(spans.dtype)
+            error = 100 - 100 * (correct * valid).sum(-1) / denom
+            per_layer["class_error"] = torch.where(n_valid > 0, error, torch.zeros_like(error))
+        if self.contrastive_align:
+            queries = torch.stack([o["proj_queries"][:, 0] for o in layers])  # [layers, B, c]
+            frames = detection["proj_vid_mem"].sum(1)                          # sum over frames first
+            x = (queries * frames).sum(-1) / CONTRASTIVE_TEMPERATURE             # [layers, B]
+            # -positive logit / n_pos + logsumexp over the single query (= x): 0 when matched.
+            per_layer["loss_contrastive_align"] = (-(x * valid) + x[..., None].logsumexp(-1)).mean(-1)
+        losses = {}
+        last = len(layers) - 1
+        for key, values in per_layer.items():
+            losses[key] = values[last]
+            for i in range(last):
+                losses[f"{key}_{i}"] = values[i]
+        losses["localization_loss"] = sum(self.weights[k] * v.sum() for k, v in per_layer.items()
+                                          if k.startswith("loss_"))
         return losses
 
     def _layer_losses(self, out: dict, targets: list[Tensor]) -> dict:
@@ -199,6 +247,14 @@ class SetCriterion(nn.Module):
         pos_term = logits.masked_fill(~positive, 0).sum(1)
         num_pos = positive.sum(1).clamp(min=1)
         return (-pos_term / num_pos + logits.logsumexp(1)).mean()
+
+
+def _paired_giou(a: Tensor, b: Tensor) -> Tensor:
+    """Generalised IoU of matching (start, end) spans a[..., i] and b[..., i] (elementwise, not pairwise)."""
+    inter = (torch.min(a[..., 1], b[..., 1]) - torch.max(a[..., 0], b[..., 0])).clamp(min=0)
+    union = (a[..., 1] - a[..., 0]) + (b[..., 1] - b[..., 0]) - inter
+    enclosing = (torch.max(a[..., 1], b[..., 1]) - torch.min(a[..., 0], b[..., 0])).clamp(min=0)
+    return inter / union - (enclosing - union) / enclosing
 
 
 class RegressionCriterion(nn.Module):
