@@ -725,11 +725,47 @@ def _music_index(music_emb: torch.Tensor, blocks: list) -> Any:
     return MusicIndex(music_emb, blocks)
 
 
+def _assemble_block(library: MusicLibrary, pos: np.ndarray, columns: torch.Tensor, device: torch.device) -> Any:
+    """The tracks at block-order positions `pos` as ONE model IndexBlock, re-padded to their longest
+    stored length: padded snippets get zero Gram rows/columns and masked keys, which the scorer
+    weights by exactly 0, so every track keeps its stored numbers."""
+    from model.xpool import IndexBlock
+    _, block_of = library._positions()
+    blk_id = block_of[pos]
+    blk = library.blocks[blk_id]                                   # [k, 5] BLOCK_COLUMNS
+    within, lb = pos - blk[:, 0], blk[:, 2]
+    length, k = int(lb.max()), len(pos)
+    # keys: track t's Lb_t stored columns -> columns t*length .. t*length+Lb_t; the rest masked.
+    keys = np.zeros((k * length, library.keys.shape[1]), dtype=np.float32)
+    keys[:, -1] = _masked_offset()
+    keys[np.repeat(np.arange(k) * length, lb) + _ranges(lb)] = \
+        library.keys[np.repeat(blk[:, 3] + within * lb, lb) + _ranges(lb)]
+    _keys_from_storage(torch.from_numpy(keys), library.keys.dtype)   # in place: -inf -> the mask offset
+    # gram [Lb, 3*Lb+7] -> [length, 3*length+7]: Gram sub-block s column c -> s*length + c.
+    gram = np.zeros((k, length, 3 * length + 7), dtype=np.float32)
+    order = np.argsort(blk_id, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(blk_id[order]) != 0])
+    for group in np.split(order, starts[1:]):   # one copy per stored block, not per track
+        first, nb, b, _, gram_start = library.blocks[blk_id[group[0]]].tolist()
+        src = library.gram[gram_start: gram_start + nb * b * (3 * b + 7)].reshape(nb, b, 3 * b + 7)
+        within_block = pos[group] - first
+        if not np.array_equal(within_block, np.arange(nb)):  # part of the block: gather those tracks
+            src = src[within_block]
+        for s_ in range(3):
+            gram[group, :b, s_ * length: s_ * length + b] = src[:, :, s_ * b: (s_ + 1) * b]
+        gram[group, :b, 3 * length:] = src[:, :, 3 * b:]
+    consts = np.asarray(library.block_consts[pos], dtype=np.float32)
+    return IndexBlock(columns.to(device), torch.from_numpy(keys).to(device).T, torch.from_numpy(gram).to(device),
+                      torch.from_numpy(consts).to(device), length)
+
+
 class _StoredBlocks:
     """The stored X-Pool blocks as the model's IndexBlocks, materialised one at a time while
     model.score_videos iterates over them: one call scores the whole library (its per-call set-up
-    is paid once) and a float16 index is converted to float32 a block at a time (bounded memory).
-    Columns are library rows, so the scores come back in library order."""
+    is paid once), float32 blocks are zero-copy views of the memory map, and a float16 index is
+    converted a block at a time (bounded memory). Columns are library rows, so the scores come
+    back in library order. (Merging stored blocks into bigger ones was measured: the re-padding
+    copies cost more than the scorer's per-block overhead they save.)"""
 
     def __init__(self, library: MusicLibrary, device: torch.device):
         self.library, self.device = library, device
@@ -757,40 +793,21 @@ def exhaustive_scores(gm: GroundingModel, library: MusicLibrary, v: torch.Tensor
     return gm.model.score_videos(v, index, v.shape[0]).float()
 
 
-def select_tracks(library: MusicLibrary, rows: np.ndarray, device: torch.device) -> Any:
+def select_tracks(library: MusicLibrary, rows: np.ndarray, device: torch.device,
+                  block_size: int = 64) -> Any:
     """The model's MusicIndex of just `rows` (columns in that order), gathered from the stored
-    blocks and re-padded to their longest block length: no re-encoding, same numbers."""
-    from model.xpool import IndexBlock
+    blocks: no re-encoding, the same numbers as the exhaustive path. The selected tracks are
+    sorted by stored length and cut into blocks of block_size, so re-padding stays small."""
     rows = np.asarray(rows, dtype=np.int64)
     emb = library.music_emb()[torch.from_numpy(rows)].to(device)
     if not library.has_xpool:
         return _music_index(emb, [])
     position, block_of = library._positions()
     pos = position[rows]
-    blk = library.blocks[block_of[pos]]                       # [k, 5]
-    within = pos - blk[:, 0]
-    lb = blk[:, 2]
-    length = int(lb.max())
-    k, d1 = len(rows), library.keys.shape[1]
-    # keys: track t's Lb_t columns -> columns t*length .. t*length+Lb_t; the rest masked.
-    key_src = np.repeat(blk[:, 3] + within * lb, lb) + _ranges(lb)
-    key_dst = np.repeat(np.arange(k) * length, lb) + _ranges(lb)
-    keys = np.zeros((k * length, d1), dtype=np.float32)
-    keys[:, -1] = _masked_offset()
-    keys[key_dst] = library.keys[key_src]
-    _keys_from_storage(torch.from_numpy(keys), library.keys.dtype)   # in place: -inf -> the mask offset
-    # gram: [Lb, 3*Lb+7] -> [length, 3*length+7]; Gram sub-block s column c -> s*length + c.
-    gram = np.zeros((k, length, 3 * length + 7), dtype=np.float32)
-    for t in range(k):  # one slice per track: ~28k values each, numpy copies them in bulk
-        b = int(lb[t])
-        src = library.gram[blk[t, 4] + within[t] * b * (3 * b + 7):][: b * (3 * b + 7)].reshape(b, 3 * b + 7)
-        for s in range(3):
-            gram[t, :b, s * length: s * length + b] = src[:, s * b: (s + 1) * b]
-        gram[t, :b, 3 * length:] = src[:, 3 * b:]
-    consts = np.asarray(library.block_consts[pos], dtype=np.float32)
-    block = IndexBlock(torch.arange(k, device=device), torch.from_numpy(keys).to(device).T,
-                       torch.from_numpy(gram).to(device), torch.from_numpy(consts).to(device), length)
-    return _music_index(emb, [block])
+    by_length = np.argsort(library.blocks[block_of[pos], 2], kind="stable")
+    blocks = [_assemble_block(library, pos[part], torch.from_numpy(part), device)
+              for part in np.split(by_length, range(block_size, len(rows), block_size))]
+    return _music_index(emb, blocks)
 
 
 def _faiss():
