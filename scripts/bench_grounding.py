@@ -38,6 +38,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the indexes")
+    p.add_argument("--reuse", action="store_true", help="measure indexes kept by an earlier --keep run")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     return p
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = benchmark_grounding(gm, args.sizes, args.shortlist_ks, args.workdir, args.dtype, args.num_queries,
                                args.latency_queries, args.topk, args.keep, args.seed,
-                               exhaustive_latency_queries=args.exhaustive_latency_queries)
+                               exhaustive_latency_queries=args.exhaustive_latency_queries, reuse=args.reuse)
     env = {"device": str(gm.device), "torch_threads": torch.get_num_threads(), "cpu": platform.processor()
            or platform.machine(), "model": gm.checkpoint, "dtype": args.dtype, "encode_tracks_per_s": round(rate, 1),
            "total_s": round(time.time() - t0, 1)}
