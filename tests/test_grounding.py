@@ -299,3 +299,32 @@ def test_benchmark_building_blocks(setup: dict, tmp_path: Path) -> None:
     assert 0 <= k["top1_preserved"] <= 1 and k["p50_ms"] > 0 and row["exhaustive"]["p95_ms"] > 0
     assert "| 100 |" in format_benchmark(rows)
     assert not any(tmp_path.iterdir())  # indexes removed unless keep=True
+
+
+def test_shortlist_uses_faiss_when_installed(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss is optional (not installed here): a stand-in with its IndexFlatIP API must give the
+    same shortlist as the matrix product."""
+    import types
+
+    from utils.grounding import shortlist
+
+    class IndexFlatIP:
+        def __init__(self, dim: int):
+            self.vectors = np.zeros((0, dim), dtype=np.float32)
+
+        def add(self, x: np.ndarray) -> None:
+            assert x.dtype == np.float32 and x.flags.c_contiguous
+            self.vectors = np.concatenate([self.vectors, x])
+
+        def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            sims = x @ self.vectors.T
+            idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(sims, idx, 1), idx
+
+    library = setup["library"]
+    v = torch.nn.functional.normalize(torch.randn(4, 256), dim=-1)
+    plain = shortlist(library, v, 8)
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=IndexFlatIP))
+    monkeypatch.setattr(library, "_faiss_index", None)
+    with_faiss = shortlist(library, v, 8)
+    assert (np.sort(with_faiss, 1) == np.sort(plain, 1)).all()
