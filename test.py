@@ -64,6 +64,7 @@ def split_name(csv_path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from model.made import build_criterion, build_model
+    from utils.annotations import load_annotations
     from utils.dataset import build_dataset
 
     args = parse_args(argv, mode="test")
@@ -78,12 +79,24 @@ def main(argv: list[str] | None = None) -> int:
                        is_main=dist_info.is_main)
     seed_everything(args.seed)
 
-    dataset = build_dataset(args.test_csv, frozen_feature_path=args.frozen_feature_path, stride=args.stride,
-                            max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows,
-                            use_packed=bool(args.use_packed))
-    # Under torchrun every rank evaluates one shard; the metrics are over the whole split.
-    loader = make_eval_loader(dataset, args.batch_size_val, dist_info, device, args)
-    log.info(f"{args.test_csv}: {len(dataset)} videos; device {device}")
+    # The dataset depends on settings a checkpoint may carry (stride, max_m_duration, max_v_frames),
+    # so it is built after each checkpoint's settings are adopted, and rebuilt only when they change.
+    data_key, loader = None, None
+    load_annotations(args.test_csv, args.max_m_duration, args.skip_bad_rows)  # a bad CSV fails before any loading
+
+    def loader_for(args):
+        nonlocal data_key, loader
+        key = (args.stride, args.max_m_duration, args.max_v_frames)
+        if key != data_key:
+            dataset = build_dataset(args.test_csv, frozen_feature_path=args.frozen_feature_path,
+                                    stride=args.stride, max_m_duration=args.max_m_duration,
+                                    skip_bad_rows=args.skip_bad_rows, use_packed=bool(args.use_packed),
+                                    num_frames=args.max_v_frames)
+            # Under torchrun every rank evaluates one shard; the metrics are over the whole split.
+            loader = make_eval_loader(dataset, args.batch_size_val, dist_info, device, args)
+            data_key = key
+            log.info(f"{args.test_csv}: {len(dataset)} videos (stride {args.stride}); device {device}")
+        return loader
 
     results = {}
     for path in paths:
@@ -94,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args).to(device)
         load_model_weights(model, state, path)
         criterion = build_criterion(args).to(device)
-        metrics, collected, details = evaluate(model, criterion, loader, device, args,
+        metrics, collected, details = evaluate(model, criterion, loader_for(args), device, args,
                                                show_progress=dist_info.is_main)
         results[path.name] = metrics
         log.info(f"{path} (epoch {state.get('epoch')}):\n" + format_table({path.name: metrics}))
