@@ -37,7 +37,12 @@ def get_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load_uni_model_path", required=True, help="MaDe checkpoint the index was built with")
     p.add_argument("--index", required=True, help="folder written by scripts/build_music_index.py")
-    p.add_argument("--video_feature", required=True, help="frame features .pt, or a CSV with a video_id column")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--video_feature", help="frame features .pt, or a CSV with a video_id column")
+    src.add_argument("--video", help="a raw video file (e.g. .mp4): CLIP features are extracted first "
+                                     "(needs --clip_weights)")
+    p.add_argument("--clip_weights", default="model/pretrained_models/ViT-B-32.pt",
+                   help="OpenAI CLIP ViT-B/32 checkpoint, for --video")
     p.add_argument("--video_mask", default=None, help="frame mask .pt (default: non-zero rows)")
     p.add_argument("--frozen_feature_path", default=None, help="feature root, with a CSV --video_feature")
     p.add_argument("--topk", type=int, default=10, help="tracks returned per query")
@@ -56,6 +61,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def load_queries(args: argparse.Namespace, num_frames: int):
     from utils.grounding import GroundingError, Queries, load_query_csv, load_video
+    if args.video is not None:
+        return extract_query(args, num_frames)
     path = Path(args.video_feature)
     if path.suffix.lower() == ".csv":
         if args.frozen_feature_path is None:
@@ -64,6 +71,21 @@ def load_queries(args: argparse.Namespace, num_frames: int):
             raise GroundingError("--video_mask goes with a .pt --video_feature, not with a CSV")
         return load_query_csv(path, args.frozen_feature_path, num_frames, bool(args.use_packed))
     feat, mask = load_video(path, args.video_mask, num_frames)
+    return Queries([path.stem], feat[None], mask[None], [None], [None])
+
+
+def extract_query(args: argparse.Namespace, num_frames: int):
+    """CLIP features of a raw video, exactly as scripts/extract_features.py writes them."""
+    from model.clip_encoder import load_clip
+    from utils.extract import extract_video_features
+    from utils.grounding import Queries
+    from utils.runtime import resolve_device
+    path = Path(args.video)
+    if not path.is_file():
+        raise FileNotFoundError(f"--video {path}: no such file")
+    device = resolve_device(args.device)
+    clip = load_clip(args.clip_weights, device)            # clear error naming the file if it is missing
+    feat, mask = extract_video_features(path, clip, device, max_frames=num_frames)
     return Queries([path.stem], feat[None], mask[None], [None], [None])
 
 
@@ -113,9 +135,10 @@ def run(argv: list[str] | None = None) -> int:
     """main() with bad input reported as one line on stderr and exit status 2 (no traceback)."""
     from utils.checkpoint import CheckpointError
     from utils.grounding import GroundingError
+    from utils.media import MediaError
     try:
         return main(argv)
-    except (GroundingError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (GroundingError, CheckpointError, MediaError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
