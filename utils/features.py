@@ -487,6 +487,11 @@ class FeatureStore:
         return PerIdSource(modality, cache_size=cache_size)
 
     @property
+    def is_packed(self) -> bool:
+        """Both modalities come from the packed (memory-mapped) store."""
+        return self._video.kind == "packed" and self._music.kind == "packed"
+
+    @property
     def backends(self) -> dict[str, str]:
         """Where each modality is read from (for logs)."""
         return {"video": self._video.describe(), "music": self._music.describe()}
