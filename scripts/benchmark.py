@@ -1,0 +1,479 @@
+"""Speed and memory benchmark of the training step, data loading, MsG evaluation and grounding.
+
+    python scripts/benchmark.py [--device cpu|cuda] [--json OUT] [--quick]
+        [--sections train load msg grounding] [--threads N] [--workdir DIR]
+
+Everything runs on synthetic data: a demo dataset in the official layout
+(scripts/make_demo_data.py, then packed with scripts/pack_features.py) for training and
+loading, random MaDe-space tracks for MsG scoring and grounding. Numbers are medians of
+several runs. Sections:
+
+  train     training samples/s at batch 64 and 512 (forward, criterion, backward, per-group
+            clipping, Adam as utils/runtime.py builds it; one batch of the demo data kept on
+            the device, so loading is excluded), and the same step with the fast paths off
+            (model.fast_ops.reference_paths(), plain Adam) at --reference_batches.
+  load      samples/s of one full pass of the training DataLoader (utils/runtime.make_loader:
+            same sampler, workers, pinning as train.py) over the per-id .pt files and over the
+            packed store.
+  msg       MsG evaluation (every video against every track, exact): model.index_music +
+            model.score_videos at N = 500 ... 4,000 videos x N tracks, wall time and peak memory
+            (peak RSS of a fresh subprocess per size on the CPU, max allocated on CUDA); the
+            straightforward all-pairs X-Pool call of the original (--naive) where its estimated
+            memory fits; and the largest difference between the two at N = 500.
+  grounding the grounding tools (utils/grounding_bench.py) on synthetic 2k/20k/100k libraries:
+            index build time/size, single-query latency p50/p95 exhaustive vs two-stage, and how
+            often the two-stage top-1/top-10 equals the exhaustive one.
+
+Prints a markdown table per section (for the README) and writes everything as JSON (--json).
+The machine (CPU model, cores, torch version and threads, load average) is part of the output:
+on a shared machine, compare numbers only from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# The authors' code, as measured for issue 5 (same 2-core CPU): for the tables' context.
+AUTHORS = {"train_b64_samples_s": 22.5, "msg_2000_s_pooling": 43.0, "msg_2000_peak_gb": 17.7}
+NAIVE_MEMORY_FRACTION = 0.6   # run the naive all-pairs scoring only if its estimate fits in this much RAM
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and few repeats (a smoke run, not numbers to quote)")
+    p.add_argument("--sections", nargs="+", default=["train", "load", "msg", "grounding"],
+                   choices=["train", "load", "msg", "grounding"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder, removed)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="training autocast (CUDA)")
+    p.add_argument("--train_batches", type=int, nargs="+", default=None, help="default 64 512 (quick: 64)")
+    p.add_argument("--reference_batches", type=int, nargs="*", default=None,
+                   help="batch sizes also timed with the fast paths off (default 64; quick: none)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 5; quick: 2)")
+    p.add_argument("--msg_sizes", type=int, nargs="+", default=None, help="default 500 1000 2000 4000")
+    p.add_argument("--msg_repeats", type=int, default=None, help="scoring runs per size (default 3)")
+    p.add_argument("--eval_chunk", type=int, default=0, help="videos per scoring chunk (0 = automatic)")
+    p.add_argument("--naive", type=int, default=1, choices=[0, 1],
+                   help="also time the straightforward all-pairs scoring where it fits in memory")
+    p.add_argument("--load_passes", type=int, default=None, help="DataLoader passes per store (default 3)")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (default: train.py's default, capped at the CPU count)")
+    # grounding (utils/grounding_bench.py)
+    p.add_argument("--grounding_sizes", type=int, nargs="+", default=None, help="default 2000 20000 100000")
+    p.add_argument("--shortlist_ks", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--grounding_dtype", choices=["float32", "float16"], default="float16")
+    p.add_argument("--num_queries", type=int, default=200, help="queries for the top-1/top-10 fractions")
+    p.add_argument("--latency_queries", type=int, default=20, help="single queries timed per mode")
+    p.add_argument("--load_uni_model_path", default=None, help="checkpoint for grounding (default: untrained)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)   # internal: one MsG measurement
+    p.add_argument("--_n", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+def environment(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    env = {"cpu": cpu, "cpu_count": os.cpu_count(),
+           "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "torch_interop_threads": torch.get_num_interop_threads(), "python": platform.python_version(),
+           "device": str(device), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        import psutil
+        env["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def default_args(extra: list[str] | None = None):
+    from utils.options import parse_args
+    return parse_args(["--name", "benchmark"] + (extra or []), mode="train")
+
+
+def table(head: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_mgsv_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses need the module registered while executing
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_data(workdir: Path, quick: bool) -> Path:
+    """Demo dataset in the official layout + its packed store; returns the dataset root."""
+    root = workdir / "demo"
+    if not (root / "demo_data.json").is_file():
+        sizes = dict(num_music=100, num_videos=600) if quick else dict(num_music=200, num_videos=2000)
+        load_script("make_demo_data").make_demo_data(root, val_size=50, test_size=50, seed=0, **sizes)
+        load_script("pack_features").pack(root / "features" / "Kuai_feature", progress=False)
+    return root
+
+
+# ----------------------------------------------------------------------------------- training
+
+def bench_train(root: Path, device: torch.device, batches: list[int], reference_batches: list[int],
+                steps: int, amp: str, log: Callable[[str], None]) -> list[dict]:
+    from model import fast_ops
+    from utils.dataset import build_dataset, collate_fn
+    from utils.distributed import DistInfo
+    from utils.engine import autocast_context, to_device
+    from utils.runtime import build_training
+    csv = root / "dataset/MGSV-EC/train_data.csv"
+    ds = build_dataset(csv, root / "features/Kuai_feature")
+    rows = []
+    for b in batches:
+        if b > len(ds):
+            log(f"[train] batch {b} skipped: the demo training set has {len(ds)} rows")
+            continue
+        batch = to_device(collate_fn(ds.__getitems__(list(range(b)))), device)
+        for reference in ([False, True] if b in reference_batches else [False]):
+            args = default_args(["--batch_size_train", str(b), "--amp", amp])
+            torch.manual_seed(0)
+            model, criterion, optimizer, _, _ = build_training(args, device, DistInfo(), steps_per_epoch=100)
+            if reference:  # the straightforward code: reference paths, plain Adam
+                optimizer = torch.optim.Adam(model.param_groups(args))
+            model.train()
+
+            def step() -> None:
+                with autocast_context(device, amp):
+                    loss, _ = criterion(model(batch), batch)
+                loss.backward()
+                for group in optimizer.param_groups:
+                    torch.nn.utils.clip_grad_norm_(group["params"], args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            with fast_ops.reference_paths() if reference else contextlib.nullcontext():
+                for _ in range(2):  # warm-up (allocator, first-call costs)
+                    step()
+                times = [timed(step, device) for _ in range(steps)]
+            med = statistics.median(times)
+            row = {"batch": b, "path": "reference" if reference else "fast", "step_s": round(med, 3),
+                   "samples_per_s": round(b / med, 1), "steps": [round(t, 3) for t in times],
+                   "load_average": [round(x, 2) for x in os.getloadavg()]}
+            if device.type == "cuda":
+                row["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                torch.cuda.reset_peak_memory_stats(device)
+            log(f"[train] {row}")
+            rows.append(row)
+            del model, criterion, optimizer
+    return rows
+
+
+def format_train(rows: list[dict]) -> str:
+    out = [[r["batch"], r["path"], r["step_s"], r["samples_per_s"]] for r in rows]
+    return table(["batch", "path", "s / step (median)", "samples / s"], out) + (
+        f"\n\nAuthors' code, same kind of CPU: ~{AUTHORS['train_b64_samples_s']} samples/s at batch 64.")
+
+
+# ----------------------------------------------------------------------------------- loading
+
+def bench_load(root: Path, device: torch.device, passes: int, num_workers: int | None,
+               log: Callable[[str], None]) -> list[dict]:
+    from utils.dataset import build_dataset
+    from utils.distributed import DistInfo
+    from utils.runtime import _num_workers, make_loader
+    args = default_args([] if num_workers is None else ["--num_workers", str(num_workers)])
+    csv, features = root / "dataset/MGSV-EC/train_data.csv", root / "features/Kuai_feature"
+    rows = []
+    for packed in (False, True):
+        ds = build_dataset(csv, features, use_packed=packed)
+        backend = ds.store.backends["video"].split(" ")[0]
+        loader, sampler = make_loader(ds, 64, True, True, args.seed, DistInfo(), device, args)
+        times = []
+        for epoch in range(passes):
+            sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            n = sum(int(b["frame_feats"].shape[0]) for b in loader)
+            times.append(time.perf_counter() - t0)
+        row = {"store": "packed" if packed else "per-id", "backend": ds.store.backends, "workers": _num_workers(args),
+               "batch": 64, "samples_per_pass": n, "pass_s": [round(t, 3) for t in times],
+               "samples_per_s": round(n / statistics.median(times), 1)}
+        assert backend == ("packed" if packed else "per-id"), ds.store.backends
+        log(f"[load] {row}")
+        rows.append(row)
+        del loader
+    return rows
+
+
+def format_load(rows: list[dict]) -> str:
+    out = [[r["store"], r["workers"], r["samples_per_pass"], r["samples_per_s"]] for r in rows]
+    text = table(["store", "workers", "samples / pass", "samples / s (median pass)"], out)
+    by = {r["store"]: r["samples_per_s"] for r in rows}
+    if "packed" in by and by.get("per-id"):
+        text += f"\n\npacked / per-id: {by['packed'] / by['per-id']:.1f}x"
+    return text
+
+
+# ----------------------------------------------------------------------------------- MsG scoring
+
+def msg_inputs(n: int, device: torch.device, seed: int = 0):
+    """Random MaDe-space inputs: v [n, d], and n tracks (m, Sm [n, 96, d], mask) with MGSV-EC-like
+    valid snippet counts (13..96)."""
+    gen = torch.Generator().manual_seed(seed)
+    d, length = 256, 96
+    valid = torch.randint(13, length + 1, (n, 1), generator=gen)
+    mask = (torch.arange(length)[None, :] < valid).float()
+    sm = torch.randn(n, length, d, generator=gen) * mask[..., None]
+    m = torch.nn.functional.normalize(sm.sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    v = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1)
+    return v.to(device), m.to(device), sm.to(device), mask.to(device)
+
+
+def msg_model(device: torch.device):
+    from model.made import build_model
+    torch.manual_seed(0)
+    model = build_model(default_args()).to(device).eval()
+    with torch.no_grad():  # move X-Pool off its identity initialisation, like a trained model
+        for p in model.xpool.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm", encoding="utf-8") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over
+    fork + exec, so a child would report the (large) parent's RSS."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def msg_worker(mode: str, n: int, device: torch.device, repeats: int, chunk: int) -> dict:
+    """One measurement in a fresh process (so that ru_maxrss is this size's peak)."""
+    model = msg_model(device)
+    v, m, sm, mask = msg_inputs(n, device)
+    out: dict = {"mode": mode, "n": n, "rss_before_mb": round(rss_mb(), 1)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        if mode == "fast":
+            def run():
+                index = model.index_music(m, sm, mask)
+                return model.score_videos(v, index, chunk)
+        elif mode == "naive":  # the original: X-Pool on all pairs in one call
+            def run():
+                return model.retrieval_score(model.retrieval_similarities(v, m, sm, mask))
+        elif mode == "check":
+            fast = model.score_videos(v, model.index_music(m, sm, mask), chunk)
+            naive = model.retrieval_score(model.retrieval_similarities(v, m, sm, mask))
+            return {**out, "max_abs_diff": float((fast - naive).abs().max())}
+        else:
+            raise ValueError(mode)
+        times = []
+        for _ in range(repeats):
+            times.append(timed(run, device))
+    out.update(seconds=round(statistics.median(times), 3), runs=[round(t, 3) for t in times],
+               peak_rss_mb=round(peak_rss_mb(), 1))
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def run_worker(mode: str, n: int, ns: argparse.Namespace, repeats: int, log: Callable[[str], None]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", mode, "--_n", str(n),
+           "--device", ns.device, "--msg_repeats", str(repeats), "--eval_chunk", str(ns.eval_chunk),
+           "--threads", str(ns.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(f"[msg] {mode} N={n} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+        return {"mode": mode, "n": n, "error": f"exit {proc.returncode}"}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    log(f"[msg] {row}")
+    return row
+
+
+def naive_estimate_gb(n: int) -> float:
+    """Peak of the all-pairs X-Pool call: ~5 live [n, n, 256] float32 tensors (4 GB each at 2,000)."""
+    return 5 * n * n * 256 * 4 / 2**30
+
+
+def bench_msg(ns: argparse.Namespace, sizes: list[int], repeats: int, log: Callable[[str], None]) -> dict:
+    rows = [run_worker("fast", n, ns, repeats, log) for n in sizes]
+    naive = []
+    if ns.naive:
+        try:
+            import psutil
+            available = psutil.virtual_memory().available / 2**30
+        except ImportError:
+            available = 8.0
+        for n in sizes:
+            if ns.device == "cpu" and naive_estimate_gb(n) > NAIVE_MEMORY_FRACTION * available:
+                log(f"[msg] naive N={n} skipped: needs ~{naive_estimate_gb(n):.0f} GB, {available:.0f} GB available")
+                naive.append({"mode": "naive", "n": n, "skipped": f"~{naive_estimate_gb(n):.0f} GB estimated"})
+                continue
+            naive.append(run_worker("naive", n, ns, 1, log))
+    check = run_worker("check", min(sizes), ns, 1, log)
+    return {"fast": rows, "naive": naive, "check": check}
+
+
+def format_msg(res: dict) -> str:
+    naive = {r["n"]: r for r in res["naive"]}
+    out = []
+    for r in res["fast"]:
+        nv = naive.get(r["n"], {})
+        mem = (f"{r['cuda_max_allocated_mb'] / 1024:.2f} GB GPU" if "cuda_max_allocated_mb" in r
+               else f"{r.get('peak_rss_mb', float('nan')) / 1024:.2f} GB")
+        if "seconds" in nv:
+            nmem = (f"{nv['cuda_max_allocated_mb'] / 1024:.2f} GB GPU" if "cuda_max_allocated_mb" in nv
+                    else f"{nv['peak_rss_mb'] / 1024:.2f} GB")
+            naive_cell = f"{nv['seconds']:.1f} s / {nmem}"
+        else:
+            naive_cell = nv.get("skipped", nv.get("error", "-"))
+        out.append([f"{r['n']:,} x {r['n']:,}", f"{r.get('seconds', float('nan')):.2f}", mem, naive_cell])
+    text = table(["videos x tracks", "exact chunked s", "peak memory", "naive all-pairs (s / peak)"], out)
+    check = res.get("check", {})
+    if "max_abs_diff" in check:
+        text += f"\n\nmax |chunked - all-pairs| at N = {check['n']}: {check['max_abs_diff']:.1e}"
+    text += (f"\nAuthors' code at 2,000 x 2,000: {AUTHORS['msg_2000_s_pooling']:.0f} s for the pooling, "
+             f"{AUTHORS['msg_2000_peak_gb']} GB peak. Peak RSS includes the interpreter, torch and the inputs "
+             "(rss_before_mb in the JSON).")
+    return text
+
+
+# ----------------------------------------------------------------------------------- grounding
+
+def bench_grounding(ns: argparse.Namespace, workdir: Path, sizes: list[int], quick: bool,
+                    log: Callable[[str], None]) -> dict:
+    from utils.grounding import load_model
+    from utils.grounding_bench import benchmark_grounding, encode_rate, random_model
+    gm = (load_model(ns.load_uni_model_path, ns.device) if ns.load_uni_model_path
+          else random_model(ns.seed, ns.device))
+    rate = encode_rate(gm)
+    rows = benchmark_grounding(gm, sizes, ns.shortlist_ks, workdir / "indexes", ns.grounding_dtype,
+                               num_queries=50 if quick else ns.num_queries,
+                               latency_queries=5 if quick else ns.latency_queries, seed=ns.seed, log=log)
+    return {"model": gm.checkpoint, "dtype": ns.grounding_dtype, "encode_tracks_per_s": round(rate, 1), "rows": rows}
+
+
+# ----------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ns = get_parser().parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    device = torch.device(ns.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    if ns._worker:
+        print(json.dumps(msg_worker(ns._worker, ns._n, device, ns.msg_repeats or 1, ns.eval_chunk)))
+        return 0
+    q = ns.quick
+    batches = ns.train_batches or ([64] if q else [64, 512])
+    reference_batches = ns.reference_batches if ns.reference_batches is not None else ([] if q else [64])
+    steps = ns.steps or (2 if q else 5)
+    msg_sizes = ns.msg_sizes or ([500, 1000] if q else [500, 1000, 2000, 4000])
+    msg_repeats = ns.msg_repeats or (1 if q else 3)
+    passes = ns.load_passes or (1 if q else 3)
+    g_sizes = ns.grounding_sizes or ([2000] if q else [2000, 20000, 100000])
+
+    from utils.grounding_bench import format_benchmark
+    from utils.io import atomic_write_json
+    env = environment(device)
+    print("machine: " + json.dumps(env))
+    results: dict = {"environment": env, "quick": q, "sections": {}}
+    own_workdir = ns.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="mgsv_bench_")) if own_workdir else Path(ns.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = [f"Machine: {env['cpu']}, {env['cpus_usable']} CPUs usable, torch {env['torch']}, "
+              f"{env['torch_threads']} threads, device {env['device']}"
+              + (f" ({env['gpu']})" if "gpu" in env else "") + f", load average at start {env['load_average_start']}"]
+    t_start = time.time()
+    try:
+        if {"train", "load"} & set(ns.sections):
+            root = make_data(workdir, q)
+        if "train" in ns.sections:
+            rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print)
+            results["sections"]["train"] = rows
+            report += ["", "### Training step", "", format_train(rows)]
+        if "load" in ns.sections:
+            rows = bench_load(root, device, passes, ns.num_workers, print)
+            results["sections"]["load"] = rows
+            report += ["", "### Data loading (one pass of the training DataLoader, batch 64)", "", format_load(rows)]
+        if "msg" in ns.sections:
+            res = bench_msg(ns, msg_sizes, msg_repeats, print)
+            results["sections"]["msg"] = res
+            report += ["", "### MsG evaluation (exact, every video x every track)", "", format_msg(res)]
+        if "grounding" in ns.sections:
+            res = bench_grounding(ns, workdir, g_sizes, q, print)
+            results["sections"]["grounding"] = res
+            report += ["", "### Grounding (synthetic libraries, "
+                       f"{res['dtype']} index, {res['model']})", "", format_benchmark(res["rows"], res["encode_tracks_per_s"])]
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    env["total_s"] = round(time.time() - t_start, 1)
+    report.append(f"\nLoad average at the end: {env['load_average_end']}; total {env['total_s']} s.")
+    text = "\n".join(report)
+    print("\n" + text)
+    results["markdown"] = text
+    if ns.json:
+        atomic_write_json(results, ns.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
