@@ -20,10 +20,10 @@ from utils.checkpoint import (LAST_NAME, TEST_BEST_ORDER, CheckpointError, adopt
                               load_checkpoint, load_model_weights)
 from utils.engine import evaluate, per_video_predictions
 from utils.io import atomic_write_json
-from utils.logger import get_logger, setup_logger
+from utils.logger import setup_logger
 from utils.metrics import METRIC_KEYS, format_table
 from utils.options import parse_args
-from utils.preflight import is_user_error, report_user_error
+from utils.preflight import run_cli
 from utils.runtime import make_eval_loader, resolve_device, seed_everything
 
 
@@ -132,13 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> int:
-    try:
-        return main()
-    except Exception as e:
-        if not is_user_error(e):
-            raise  # a bug: keep its traceback
-        report_user_error(e, get_logger())
-        return 2
+    return run_cli(main)
 
 
 if __name__ == "__main__":

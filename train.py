@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from utils.logger import get_logger, setup_logger
 from utils.options import parse_args
-from utils.preflight import (check_batch_size, check_new_run_dir, given_flags, is_user_error, load_split, new_run_dir,
-                             report_user_error, resume_settings, set_aside_previous_run)
+from utils.preflight import (check_batch_size, check_new_run_dir, given_flags, load_split, new_run_dir,
+                             resume_settings, run_cli, set_aside_previous_run)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -262,13 +262,7 @@ def epoch_summary(epoch: int, epochs: int, train_stats: dict, metrics: dict, sec
 
 
 def cli() -> int:
-    try:
-        return main()
-    except Exception as e:
-        if not is_user_error(e):
-            raise  # a bug: keep its traceback
-        report_user_error(e, get_logger())
-        return 2
+    return run_cli(main)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 # Files train.py writes into a run folder. Only these are ever moved by --overwrite.
 RUN_FILE_PATTERNS = ("pytorch_model.bin*", "train_state.json", "events.out.tfevents.*", "*_train.log")
@@ -96,6 +96,18 @@ def report_user_error(exc: BaseException, logger: Any = None) -> None:
         for handler in logger.handlers:
             if isinstance(handler, logging.FileHandler):  # the console already has it (stderr)
                 handler.handle(record)
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run an entry point: project errors print one paragraph and exit 2; bugs keep their traceback."""
+    from utils.logger import get_logger
+    try:
+        return main()
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        report_user_error(e, get_logger())
+        return 2
 
 
 # ------------------------------------------------------------------ run folders
