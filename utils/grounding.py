@@ -49,7 +49,9 @@ so a crash never leaves a folder that looks like an index):
 
 dtype float32 (default) gives test.py's numbers; float16 halves the size (scores move by ~1e-3).
 Size per track (d = 256, n valid snippets of 96): tokens 256n + keys 257n + Gram n(3n+7) values,
-e.g. ~47k values at the MGSV-EC mean n ~ 56 -> 190 KB float32 / 95 KB float16.
+e.g. ~38k values at the MGSV-EC mean n ~ 56 -> ~155 KB float32 / ~77 KB float16 (measured: 100k
+synthetic tracks = 7.4 GiB in float16; storing all 96 snippet tokens in float32 would take 9.8 GB
+for the tokens alone).
 """
 from __future__ import annotations
 
