@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fast_ops
+
 
 class CrossAttention(nn.Module):
     """One-head attention of every video query over the snippets of every track."""
@@ -36,8 +38,17 @@ class CrossAttention(nn.Module):
         # [batch = track, head = 1, sequence, d]; one head of width d, so SDPA's default
         # scale 1/sqrt(d) is the original's.
         q = self.q_proj(queries).expand(tokens.shape[0], 1, -1, -1)
-        k, v = self.k_proj(tokens).unsqueeze(1), self.v_proj(tokens).unsqueeze(1)
+        k = self.k_proj(tokens).unsqueeze(1)
         attn_mask = None if mask is None else (mask > 0)[:, None, None, :]
+        if fast_ops.FAST_PATHS and queries.shape[0] > tokens.shape[1]:
+            # The weights sum to 1 (no attention dropout), so Wo (sum_l a_l U_l) + bo =
+            # sum_l a_l (Wo U_l + bo): project the L values of a track instead of its Nv pooled
+            # outputs (training at batch 512: [512*96, d] instead of [512*512, d] through Wo).
+            w = self.out_proj.weight @ self.v_proj.weight
+            b = self.out_proj.weight @ self.v_proj.bias + self.out_proj.bias
+            out = F.scaled_dot_product_attention(q, k, F.linear(tokens, w, b).unsqueeze(1), attn_mask=attn_mask)
+            return out.squeeze(1)
+        v = self.v_proj(tokens).unsqueeze(1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj(out.squeeze(1))
 
@@ -68,7 +79,7 @@ class XPool(nn.Module):
         o = self.cross_attn(self.layer_norm1(videos), self.layer_norm1(snippets),
                             mask if self.use_mask else None)
         h = self.layer_norm2(o)
-        return self.layer_norm3(h + self.dropout(self.linear_proj(h)))
+        return self.layer_norm3(h + fast_ops.dropout(self.linear_proj(h), self.dropout.p, self.training))
 
 
 def single_similarity(videos: Tensor, pooled: Tensor) -> Tensor:

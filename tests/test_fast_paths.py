@@ -222,6 +222,29 @@ def test_eval_outputs_equal_reference():
         _close(fast["detection"][key], ref["detection"][key])
 
 
+def test_xpool_out_proj_folded_into_values_equals_reference():
+    """More videos than snippets: Wo applied to the L values before pooling, not to the Nv outputs."""
+    from model.xpool import XPool
+    gen = torch.Generator().manual_seed(12)
+    torch.manual_seed(12)
+    xpool = XPool(32).eval()
+    with torch.no_grad():
+        for p in xpool.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    videos = torch.randn(20, 32, generator=gen, requires_grad=True)
+    mask = _mask(7, 9, gen)
+    snippets = (torch.randn(7, 9, 32, generator=gen) * mask[..., None]).requires_grad_()
+    params = [videos, snippets] + list(xpool.parameters())
+    fast = xpool(videos, snippets, mask)
+    with fast_ops.reference_paths():
+        ref = xpool(videos, snippets, mask)
+    _close(fast, ref)
+    for a, b in zip(torch.autograd.grad(fast.square().sum(), params, allow_unused=True),
+                    torch.autograd.grad(ref.square().sum(), params, allow_unused=True)):
+        if b is not None:
+            _close(a, b, 1e-4)
+
+
 # ------------------------------------------------------------------ matcher and criterion
 
 def test_matcher_single_query_fast_path_equals_scipy():
