@@ -181,5 +181,9 @@ def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_p
         if dist_info.rank:
             torch.manual_seed(args.seed + dist_info.rank)
     if getattr(args, "compile", False):
+        # Token packing (model/fast_ops.py, CPU) gives every batch new shapes and a host sync;
+        # a compiled graph wants static shapes, so the compiled model runs the padded layout.
+        from model import fast_ops
+        fast_ops.PACK_TOKENS = "never"
         ddp_model = torch.compile(ddp_model)
     return model, criterion, optimizer, scheduler, ddp_model
