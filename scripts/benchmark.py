@@ -86,6 +86,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--grounding_dtype", choices=["float32", "float16"], default="float16")
     p.add_argument("--num_queries", type=int, default=200, help="queries for the top-1/top-10 fractions")
     p.add_argument("--latency_queries", type=int, default=20, help="single queries timed per mode")
+    p.add_argument("--exhaustive_latency_queries", type=int, default=None,
+                   help="single exhaustive queries timed (default: --latency_queries; slow at 100k on CPU)")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--grounding_workdir", default=None, help="where the synthetic indexes go (default: --workdir)")
+    p.add_argument("--keep_indexes", action="store_true", help="keep the synthetic indexes")
+    p.add_argument("--reuse_indexes", action="store_true", help="measure indexes kept by an earlier run")
     p.add_argument("--load_uni_model_path", default=None, help="checkpoint for grounding (default: untrained)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)   # internal: one MsG measurement
@@ -155,8 +161,8 @@ def make_data(workdir: Path, quick: bool) -> Path:
     """Demo dataset in the official layout + its packed store; returns the dataset root."""
     root = workdir / "demo"
     if not (root / "demo_data.json").is_file():
-        sizes = dict(num_music=100, num_videos=600) if quick else dict(num_music=200, num_videos=2000)
-        load_script("make_demo_data").make_demo_data(root, val_size=50, test_size=50, seed=0, **sizes)
+        sizes = dict(num_music=60, num_videos=300) if quick else dict(num_music=200, num_videos=2000)
+        load_script("make_demo_data").make_demo_data(root, val_size=20, test_size=20, seed=0, **sizes)
         load_script("pack_features").pack(root / "features" / "Kuai_feature", progress=False)
     return root
 
@@ -224,13 +230,12 @@ def bench_load(root: Path, device: torch.device, passes: int, num_workers: int |
                log: Callable[[str], None]) -> list[dict]:
     from utils.dataset import build_dataset
     from utils.distributed import DistInfo
-    from utils.runtime import _num_workers, make_loader
+    from utils.runtime import loader_workers, make_loader
     args = default_args([] if num_workers is None else ["--num_workers", str(num_workers)])
     csv, features = root / "dataset/MGSV-EC/train_data.csv", root / "features/Kuai_feature"
     rows = []
     for packed in (False, True):
         ds = build_dataset(csv, features, use_packed=packed)
-        backend = ds.store.backends["video"].split(" ")[0]
         loader, sampler = make_loader(ds, 64, True, True, args.seed, DistInfo(), device, args)
         times = []
         for epoch in range(passes):
@@ -238,10 +243,11 @@ def bench_load(root: Path, device: torch.device, passes: int, num_workers: int |
             t0 = time.perf_counter()
             n = sum(int(b["frame_feats"].shape[0]) for b in loader)
             times.append(time.perf_counter() - t0)
-        row = {"store": "packed" if packed else "per-id", "backend": ds.store.backends, "workers": _num_workers(args),
-               "batch": 64, "samples_per_pass": n, "pass_s": [round(t, 3) for t in times],
-               "samples_per_s": round(n / statistics.median(times), 1)}
-        assert backend == ("packed" if packed else "per-id"), ds.store.backends
+        row = {"store": "packed" if packed else "per-id", "backend": ds.store.backends,
+               "workers": loader_workers(args, ds, device), "batch": 64, "samples_per_pass": n,
+               "pass_s": [round(t, 3) for t in times], "samples_per_s": round(n / statistics.median(times), 1)}
+        if ds.store.is_packed != packed:
+            raise RuntimeError(f"expected the {row['store']} store, got {ds.store.backends}")
         log(f"[load] {row}")
         rows.append(row)
         del loader
@@ -401,9 +407,11 @@ def bench_grounding(ns: argparse.Namespace, workdir: Path, sizes: list[int], qui
     gm = (load_model(ns.load_uni_model_path, ns.device) if ns.load_uni_model_path
           else random_model(ns.seed, ns.device))
     rate = encode_rate(gm)
-    rows = benchmark_grounding(gm, sizes, ns.shortlist_ks, workdir / "indexes", ns.grounding_dtype,
-                               num_queries=50 if quick else ns.num_queries,
-                               latency_queries=5 if quick else ns.latency_queries, seed=ns.seed, log=log)
+    rows = benchmark_grounding(gm, sizes, ns.shortlist_ks, Path(ns.grounding_workdir or workdir / "indexes"),
+                               ns.grounding_dtype, num_queries=50 if quick else ns.num_queries,
+                               latency_queries=5 if quick else ns.latency_queries, topk=ns.topk,
+                               keep=ns.keep_indexes, seed=ns.seed, log=log,
+                               exhaustive_latency_queries=ns.exhaustive_latency_queries, reuse=ns.reuse_indexes)
     return {"model": gm.checkpoint, "dtype": ns.grounding_dtype, "encode_tracks_per_s": round(rate, 1), "rows": rows}
 
 
@@ -459,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         if "grounding" in ns.sections:
             res = bench_grounding(ns, workdir, g_sizes, q, print)
             results["sections"]["grounding"] = res
-            report += ["", "### Grounding (synthetic libraries, "
-                       f"{res['dtype']} index, {res['model']})", "", format_benchmark(res["rows"], res["encode_tracks_per_s"])]
+            report += ["", f"### Grounding (synthetic libraries, {res['dtype']} index, {res['model']})", "",
+                       format_benchmark(res["rows"], res["encode_tracks_per_s"])]
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,34 @@
+"""scripts/benchmark.py runs end to end on tiny sizes and reports what it promises (no timing checks)."""
+from __future__ import annotations
+
+import json
+
+from conftest import load_script
+
+
+def test_benchmark_smoke(tmp_path):
+    bench = load_script("benchmark")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--sections", "train", "load", "msg", "--train_batches", "8",
+                       "--reference_batches", "8", "--steps", "1", "--msg_sizes", "40", "--workdir",
+                       str(tmp_path / "work"), "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    env = res["environment"]
+    assert env["cpu"] and env["torch"] and env["torch_threads"] == 1
+    train = res["sections"]["train"]
+    assert {r["path"] for r in train} == {"fast", "reference"} and all(r["samples_per_s"] > 0 for r in train)
+    load = {r["store"]: r for r in res["sections"]["load"]}
+    assert set(load) == {"per-id", "packed"} and load["packed"]["workers"] == 0
+    assert load["packed"]["samples_per_pass"] == load["per-id"]["samples_per_pass"] > 0
+    msg = res["sections"]["msg"]
+    assert msg["fast"][0]["peak_rss_mb"] >= msg["fast"][0]["rss_before_mb"] > 0
+    assert msg["naive"][0]["seconds"] > 0
+    assert msg["check"]["max_abs_diff"] < 1e-5  # chunked scoring == all-pairs X-Pool
+    assert "| 40 x 40 |" in res["markdown"] and "packed / per-id" in res["markdown"]
+
+
+def test_bench_grounding_maps_onto_benchmark_flags():
+    argv = load_script("bench_grounding").benchmark_argv(["--sizes", "100", "--dtype", "float32", "--keep"])
+    ns = load_script("benchmark").get_parser().parse_args(argv)
+    assert ns.sections == ["grounding"] and ns.grounding_sizes == [100] and ns.grounding_dtype == "float32"
+    assert ns.keep_indexes and not ns.reuse_indexes
