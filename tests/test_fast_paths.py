@@ -331,3 +331,26 @@ def test_fused_adam_matches_default():
             opt.step()
     for a, b in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), atol=1e-7)
+
+
+# ------------------------------------------------------------------ data path
+
+def test_batched_fetch_items_equal_per_item_path(demo_data):
+    """MGSVDataset.__getitems__ (one store call per modality, item dicts made on access) gives
+    the per-item __getitem__ results, and torch's default_collate of them gives collate_fn's batch."""
+    from torch.utils.data import default_collate
+
+    from utils.dataset import build_dataset, collate_fn
+    ds = build_dataset(demo_data / "dataset/MGSV-EC/val_data.csv", demo_data / "features/Kuai_feature")
+    idx = [3, 0, 7, 7, 1]
+    items = ds.__getitems__(idx)
+    assert len(items) == 5 and len(items[1:3]) == 2
+    for got, i in zip(items, idx):
+        want = ds[i]
+        for key, value in want.items():
+            assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value
+    batch = collate_fn(items)
+    generic = default_collate(list(items))
+    for key in ("frame_feats", "music_feats", "music_mask", "spans_target"):
+        assert torch.equal(batch[key], generic[key])
+    assert batch["video_id"] == [ds.video_ids[i] for i in idx]
