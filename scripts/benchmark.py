@@ -170,7 +170,7 @@ def make_data(workdir: Path, quick: bool) -> Path:
 # ----------------------------------------------------------------------------------- training
 
 def bench_train(root: Path, device: torch.device, batches: list[int], reference_batches: list[int],
-                steps: int, amp: str, log: Callable[[str], None]) -> list[dict]:
+                steps: int, amp: str, log: Callable[[str], None], warmup: int = 2) -> list[dict]:
     from model import fast_ops
     from utils.dataset import build_dataset, collate_fn
     from utils.distributed import DistInfo
@@ -202,7 +202,7 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
                 optimizer.zero_grad(set_to_none=True)
 
             with fast_ops.reference_paths() if reference else contextlib.nullcontext():
-                for _ in range(2):  # warm-up (allocator, first-call costs)
+                for _ in range(warmup):  # allocator, first-call costs
                     step()
                 times = [timed(step, device) for _ in range(steps)]
             med = statistics.median(times)
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if {"train", "load"} & set(ns.sections):
             root = make_data(workdir, q)
         if "train" in ns.sections:
-            rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print)
+            rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print, warmup=1 if q else 2)
             results["sections"]["train"] = rows
             report += ["", "### Training step", "", format_train(rows)]
         if "load" in ns.sections:
