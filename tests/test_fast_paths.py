@@ -305,15 +305,32 @@ def test_batched_criterion_equals_per_layer_loop(zero_width):
 def test_fast_dropout_distribution():
     torch.manual_seed(10)
     x = torch.ones(200_000)
-    for p in (0.1, 0.8):
+    for p in (0.1, 0.3, 0.8):
         y = fast_ops.dropout(x, p, training=True)
         kept = y != 0
-        assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+        # kept values are scaled by the inverse of the quantised keep probability: unbiased
+        levels = round((1 - p) * 65536)
+        assert torch.equal(y[kept], torch.full_like(y[kept], 65536 / levels))
+        assert abs(65536 / levels - 1 / (1 - p)) < 1e-4
         # keep fraction within 5 standard deviations of 1 - p
         sd = math.sqrt(p * (1 - p) / x.numel())
         assert abs(float(kept.float().mean()) - (1 - p)) < 5 * sd
     assert fast_ops.dropout(x, 0.8, training=False) is x
     assert float(fast_ops.dropout(x, 1.0, training=True).abs().max()) == 0.0
+    # odd sizes and shapes (the 64-bit draws are cut to the tensor's size)
+    z = fast_ops.dropout(torch.ones(3, 5, 7), 0.5, training=True)
+    assert z.shape == (3, 5, 7) and set(z.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_uniform_int16_is_uniform_and_seeded():
+    torch.manual_seed(3)
+    a = fast_ops.uniform_int16((1000, 101))
+    torch.manual_seed(3)
+    assert torch.equal(a, fast_ops.uniform_int16((1000, 101)))       # resume-safe: default generator
+    counts = torch.bincount((a.to(torch.int32) + 32768).flatten() // 4096, minlength=16).float()
+    expected = a.numel() / 16
+    assert float(((counts - expected) ** 2 / expected).sum()) < 50   # chi-square, 15 dof
+    assert a.dtype == torch.int16 and int(a.min()) < -30000 and int(a.max()) > 30000
 
 
 def test_fused_adam_matches_default():
