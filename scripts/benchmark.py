@@ -121,7 +121,22 @@ def environment(device: torch.device) -> dict:
         pass
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    env["gemm_gflops"] = gemm_rate(device)
     return env
+
+
+def gemm_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """fp32 n^3 matrix product rate (GFLOP/s), the ceiling that the training step and MsG
+    scoring work against; on shared CPU machines it varies between runs, so it is
+    reported beside every set of numbers."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return round(2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -446,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mgsv_bench_")) if own_workdir else Path(ns.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     report = [f"Machine: {env['cpu']}, {env['cpus_usable']} CPUs usable, torch {env['torch']}, "
-              f"{env['torch_threads']} threads, device {env['device']}"
+              f"{env['torch_threads']} threads, fp32 GEMM {env['gemm_gflops']} GFLOP/s, device {env['device']}"
               + (f" ({env['gpu']})" if "gpu" in env else "") + f", load average at start {env['load_average_start']}"]
     t_start = time.time()
     try:

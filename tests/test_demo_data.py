@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from pathlib import Path
@@ -62,7 +63,8 @@ def test_statistics_like_the_real_data(demo_data: Path) -> None:
     assert (df["music_end"] <= df["music_total_duration"]).all()
     early = (df["music_start"] < 1.0).mean()
     assert 0.25 < early < 0.55, early  # ~40 % start within the first second
-    assert df["music_start"].max() > 60.0  # the rest spread over the track
+    assert df["music_start"].max() > 60.0  # the rest spread over the track ...
+    assert 3.0 < df["music_start"].median() < 15.0  # ... but early, like the real 8.6-8.9 s
 
 
 def test_feature_layout_and_masks(demo_data: Path) -> None:
@@ -90,6 +92,21 @@ def test_same_seed_is_byte_identical(tmp_path: Path) -> None:
     assert len(a) == 2 * (20 + 4 + 4 + 8) + 4 and a == b
     c = tree_hashes(make_demo_data(tmp_path / "c", **dict(small, seed=4)))
     assert c["dataset/MGSV-EC/train_data.csv"] != a["dataset/MGSV-EC/train_data.csv"]
+
+
+def test_difficulty_knobs_from_the_command_line(tmp_path: Path) -> None:
+    """--time_weight / --period_range change the features, not the annotations."""
+    script = load_script("make_demo_data")
+    args = ["--num_music", "6", "--num_videos", "12", "--val_size", "3", "--test_size", "3"]
+    script.main(["--out", str(tmp_path / "a"), *args])
+    script.main(["--out", str(tmp_path / "b"), *args, "--time_weight", "0.95", "--period_range", "30", "120"])
+    cfg = {k: json.loads((tmp_path / k / "demo_data.json").read_text()) for k in "ab"}
+    assert cfg["a"]["identity_weight"] == 0.6 and cfg["a"]["min_period"] == 8.0
+    assert cfg["b"]["time_weight"] == 0.95 and cfg["b"]["max_period"] == 120.0
+    assert math.isclose(cfg["b"]["identity_weight"] ** 2 + 0.95 ** 2, 1.0)
+    csv = "dataset/MGSV-EC/train_data.csv"
+    assert (tmp_path / "a" / csv).read_bytes() == (tmp_path / "b" / csv).read_bytes()
+    assert tree_hashes(tmp_path / "a" / "features") != tree_hashes(tmp_path / "b" / "features")
 
 
 def test_refuses_to_overwrite(tmp_path: Path) -> None:
