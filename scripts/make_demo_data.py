@@ -29,7 +29,8 @@ How the signal is built (so that a model has to use both modalities):
   alignment: another moment of the same track has a different s_j(t). Difficulty, with
   the defaults: a ridge-regression probe (mean frame -> mean snippet) gets R1 ~67 % over
   the 200 test tracks (chance 0.5 %); sliding that probe over the GT track localises with
-  mIoU ~0.9, versus ~0.49 for the "start at 0, video length" prior. --video_signal scales
+  mIoU ~0.9 (measured with the earlier, uniform start distribution), versus ~0.49 for the
+  "start at 0, video length" prior. --video_signal scales
   the 0.45 (lower = harder).
 
 Splits: every track gets training videos (num_videos in total, >= 1 per track, several
