@@ -337,11 +337,8 @@ def _score_chunk(xpool: XPool, maps: _PostPoolMaps, v: Tensor, index: MusicIndex
         a = torch.softmax(prod[:c].view(c, nb, blk_len), dim=-1)
         lin_v[rows] = torch.linalg.vecdot(prod[c:].view(c, nb, blk_len), a).T
         a_t = a.transpose(0, 1).contiguous()                          # [Nb, c, Lb]
-        gram = blk.gram
-        if gram.shape[-1] % 16:  # batched GEMM runs ~20% faster on an aligned width; the copy is small
-            gram = F.pad(gram, (0, 16 - gram.shape[-1] % 16))
-        forms = torch.bmm(a_t, gram)                                  # [Nb, c, 3Lb+7(+pad)]: a^T G, a^T lin
-        lin[rows] = forms[..., 3 * blk_len:3 * blk_len + 7]
+        forms = torch.bmm(a_t, blk.gram)                              # [Nb, c, 3Lb+7]: a^T G, a^T lin
+        lin[rows] = forms[..., 3 * blk_len:]
         # a^T G a for the three Gram blocks: batched mat-vec products, no temporaries.
         quad[rows] = (forms[..., :3 * blk_len].view(nb, c, 3, blk_len) @ a_t.unsqueeze(-1)).squeeze(-1)
         consts[rows] = blk.consts
