@@ -51,6 +51,16 @@ def _evaluator_records(rows: list[dict]) -> list[dict]:
              "pred_st": r["pred_raw"][0], "pred_ed": r["pred_raw"][1]} for r in rows]
 
 
+def _run_evaluate(trained: dict, rows: list[dict], tag: str) -> dict:
+    """`python -m utils.evaluate` on test.py's --save_json rows; returns its metrics JSON."""
+    pred_json, evaluated = trained["root"] / f"preds_{tag}.json", trained["root"] / f"evaluated_{tag}.json"
+    pred_json.write_text(json.dumps(_evaluator_records(rows)))
+    proc = run_cli(["-m", "utils.evaluate"], ["--gt_csv", trained["val"], "--pred_json", pred_json,
+                                              "--metrics_json", evaluated])
+    assert proc.returncode == 0, output(proc)[-3000:]
+    return json.loads(evaluated.read_text())
+
+
 def test_run_folder_contents(trained: dict) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run, state = trained["run"], trained["state"]
@@ -107,16 +117,11 @@ def test_single_checkpoint_metrics_and_predictions(trained: dict) -> None:
         assert len(row["ranked_music_ids"]) == num_tracks           # the full ranking (--save_json_ranking 0)
         assert row["ranked_music_ids"][0] == row["topk_music_ids"][0]
         assert row["gt_rank"] == row["ranked_music_ids"].index(row["music_id"]) + 1
-    pred_json = root / "preds.json"
-    pred_json.write_text(json.dumps(_evaluator_records(rows)))
-    evaluated = root / "evaluated.json"
-    proc = run_cli(["-m", "utils.evaluate"], ["--gt_csv", trained["val"], "--pred_json", pred_json,
-                                              "--metrics_json", evaluated])
-    assert proc.returncode == 0, output(proc)[-3000:]
+    evaluated = _run_evaluate(trained, rows, "full")
     # mIoU to 1e-6 only: test.py takes the annotation times from the dataset's float32 tensors,
     # utils.evaluate reads them from the CSV as float64 (IoUs differ by ~1e-7). Everything else,
     # IoU thresholds included, must be equal.
-    _assert_same_metrics(json.loads(evaluated.read_text()), metrics, "utils.evaluate", miou_tol=1e-6)
+    _assert_same_metrics(evaluated, metrics, "utils.evaluate", miou_tol=1e-6)
 
 
 def test_top_k_predictions_agree_on_what_they_determine(trained: dict) -> None:
@@ -130,13 +135,7 @@ def test_top_k_predictions_agree_on_what_they_determine(trained: dict) -> None:
     (pred_file,) = run.glob(f"*-val/uni_val_{epoch}_*.json")
     rows = json.loads(pred_file.read_text())
     assert all(len(r["ranked_music_ids"]) == 5 for r in rows)
-    pred_json = root / "preds_top5.json"
-    pred_json.write_text(json.dumps(_evaluator_records(rows)))
-    evaluated = root / "evaluated_top5.json"
-    proc = run_cli(["-m", "utils.evaluate"], ["--gt_csv", trained["val"], "--pred_json", pred_json,
-                                              "--metrics_json", evaluated])
-    assert proc.returncode == 0, output(proc)[-3000:]
-    got = json.loads(evaluated.read_text())
+    got = _run_evaluate(trained, rows, "top5")
     assert got["mIoU"] == pytest.approx(metrics["mIoU"], rel=0, abs=1e-6)  # float32 vs float64 times, see above
     for key in ("IoU@0.3", "IoU@0.5", "IoU@0.7", "R1", "R3", "R5", "R1_iou0.5", "R1_iou0.7"):
         assert got[key] == metrics[key], key
