@@ -178,6 +178,11 @@ class TokenPacking:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+def key_bias(key_valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive attention mask: 0 for valid keys, -inf for padded ones ([..., L], like key_valid)."""
+    return torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device).masked_fill_(~key_valid, float("-inf"))
+
+
 def attention_core(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, dropout_p: float,
                    training: bool) -> Tensor:
     """softmax(q k^T / sqrt(dh) + mask) v over [n, H, L, dh] with key_valid [n, L] (True = valid)."""
@@ -185,7 +190,7 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, dropout_p
         # Fused kernel (flash on CPU and CUDA); no dropout to apply.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :])
     n, h, length, dh = q.shape
-    bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_valid, float("-inf"))
+    bias = key_bias(key_valid, q.dtype)
     scores = torch.baddbmm(bias[:, None, None, :].expand(n, h, 1, length).reshape(n * h, 1, length),
                            q.reshape(n * h, length, dh), k.reshape(n * h, length, dh).transpose(1, 2),
                            alpha=1.0 / math.sqrt(dh))
@@ -249,7 +254,7 @@ def single_query_cross_attention(mha: nn.MultiheadAttention, query: Tensor, key_
     q = F.linear(query, wq, bq).view(batch, nq, heads, dh) / math.sqrt(dh)
     # (Wk_h^T q_h): one d-vector per (query, head) to dot with the raw key inputs.
     q_keys = torch.einsum("bqhe,hed->bqhd", q, wk.view(heads, dh, d)).reshape(batch, nq * heads, d)
-    bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_valid, float("-inf"))
+    bias = key_bias(key_valid, q.dtype)
     scores = torch.baddbmm(bias[:, None, :], q_keys, key_in.transpose(1, 2))       # [B, Q*H, L]
     attn = torch.softmax(scores, dim=-1)
     if training and mha.dropout > 0.0:
