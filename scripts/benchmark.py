@@ -8,9 +8,9 @@ Everything runs on synthetic data: a demo dataset in the official layout
 loading, random MaDe-space tracks for MsG scoring and grounding. Numbers are medians of
 several runs. Sections:
 
-  train     training samples/s at batch 64 and 512 (forward, criterion, backward, per-group
-            clipping, Adam as utils/runtime.py builds it; one batch of the demo data kept on
-            the device, so loading is excluded), and the same step with the fast paths off
+  train     training samples/s at batch 64 and 512 (forward, criterion and train.py's update,
+            utils.engine.optimization_step, with Adam as utils/runtime.py builds it; one batch of
+            the demo data kept on the device, so loading is excluded), and the same step with the fast paths off
             (model.fast_ops.reference_paths(), plain Adam) at --reference_batches.
   load      samples/s of one full pass of the training DataLoader (utils/runtime.make_loader:
             same sampler, workers, pinning as train.py) over the per-id .pt files and over the
@@ -189,7 +189,7 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
     from model import fast_ops
     from utils.dataset import build_dataset, collate_fn
     from utils.distributed import DistInfo
-    from utils.engine import autocast_context, to_device
+    from utils.engine import autocast_context, grad_scaler, optimization_step, to_device
     from utils.runtime import build_training
     csv = root / "dataset/MGSV-EC/train_data.csv"
     ds = build_dataset(csv, root / "features/Kuai_feature")
@@ -207,14 +207,12 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
                 optimizer = torch.optim.Adam(model.param_groups(args))
             model.train()
 
+            scaler = grad_scaler(amp, device)
+
             def step() -> None:
                 with autocast_context(device, amp):
                     loss, _ = criterion(model(batch), batch)
-                loss.backward()
-                for group in optimizer.param_groups:
-                    torch.nn.utils.clip_grad_norm_(group["params"], args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimization_step(loss, optimizer, args.max_grad_norm, scaler)
 
             with fast_ops.reference_paths() if reference else contextlib.nullcontext():
                 for _ in range(warmup):  # allocator, first-call costs
@@ -322,7 +320,7 @@ def peak_rss_mb() -> float:
 
 
 def msg_worker(mode: str, n: int, device: torch.device, repeats: int, chunk: int) -> dict:
-    """One measurement in a fresh process (so that ru_maxrss is this size's peak)."""
+    """One measurement in a fresh process (so that the peak RSS is this size's)."""
     model = msg_model(device)
     v, m, sm, mask = msg_inputs(n, device)
     out: dict = {"mode": mode, "n": n, "rss_before_mb": round(rss_mb(), 1)}

@@ -14,7 +14,7 @@ import torch
 
 from utils.dataset import build_dataset, collate_fn
 from utils.distributed import DistInfo
-from utils.engine import spans_to_seconds, top_moment
+from utils.engine import optimization_step, spans_to_seconds, top_moment
 from utils.options import parse_args
 from utils.runtime import build_training
 
@@ -50,10 +50,8 @@ def test_detector_fits_a_small_batch(demo_data: Path) -> None:
         before = _iou(predict(), gt).mean()
         for _ in range(150):
             loss, _ = criterion(model(batch), batch)
-            loss.backward()
-            optimizer.step()
+            optimization_step(loss, optimizer, args.max_grad_norm)   # train.py's update
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         pred = predict()
         iou = _iou(pred, gt)
         # per-video moments, not one shared guess: the predicted starts follow the true ones

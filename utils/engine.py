@@ -91,6 +91,30 @@ class RunningMeans:
         return {k: v / max(1.0, count) for k, v in zip(keys, values)}
 
 
+def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """Loss scaling for --amp fp16 on CUDA (bf16 and float32 need none)."""
+    return torch.amp.GradScaler("cuda") if (amp == "fp16" and device.type == "cuda") else None
+
+
+def optimization_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                      scaler: torch.amp.GradScaler | None = None) -> None:
+    """backward, gradient clipping, optimizer step, zeroed gradients: one training update."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    # The original clips each parameter group separately (temporal, matching, detection).
+    for group in optimizer.param_groups:
+        torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: Iterable,
                     optimizer: torch.optim.Optimizer, scheduler, device: torch.device, epoch: int,
                     args: Any, scalars: Scalars, global_step: int, show_progress: bool = True,
@@ -104,7 +128,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
     pred_se, gt_se, m_dur = [], [], []
     num_steps = len(loader) if max_steps is None else min(max_steps, len(loader))
     log_every = max(1, math.ceil(num_steps / max(1, args.num_display)))
-    scaler = torch.amp.GradScaler("cuda") if (args.amp == "fp16" and device.type == "cuda") else None
+    scaler = grad_scaler(args.amp, device)
     bar = tqdm(loader, total=num_steps, desc=f"train {epoch}", disable=not show_progress, leave=False,
                dynamic_ncols=True)
     t0 = time.time()
@@ -121,21 +145,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
                 f"non-finite training loss (this process: {loss.item()}) at epoch {epoch}, step {step + 1}; "
                 f"parts: { {k: float(v) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1} }. "
                 "Check the input features for extreme values, or lower --matching_lr/--detection_lr.")
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        # The original clips each parameter group separately (temporal, matching, detection).
-        for group in optimizer.param_groups:
-            torch.nn.utils.clip_grad_norm_(group["params"], args.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        optimization_step(loss, optimizer, args.max_grad_norm, scaler)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         global_step += 1
 
         parts = {"loss": loss, **parts}
