@@ -44,6 +44,18 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`),
+    restored afterwards. Tiny tensors: a second thread only adds synchronisation, and on a busy
+    2-core CI machine the two threads spin-wait for each other."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of the shared tiny synthetic dataset (read-only; see module docstring)."""

@@ -10,12 +10,7 @@ from model.made import build_model
 from utils.options import parse_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # The trainable keys (plus buffers) of the authors' checkpoints, reference section 9.

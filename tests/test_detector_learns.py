@@ -10,52 +10,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from utils.dataset import build_dataset, collate_fn
 from utils.distributed import DistInfo
 from utils.engine import optimization_step, spans_to_seconds, top_moment
+from utils.metrics import moment_iou
 from utils.options import parse_args
 from utils.runtime import build_training
 
 
-def _iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    inter = (torch.minimum(pred[:, 1], gt[:, 1]) - torch.maximum(pred[:, 0], gt[:, 0])).clamp(min=0)
-    return inter / ((pred[:, 1] - pred[:, 0]) + (gt[:, 1] - gt[:, 0]) - inter)
-
-
+@pytest.mark.usefixtures("one_torch_thread")
 def test_detector_fits_a_small_batch(demo_data: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ds = build_dataset(demo_data / "dataset/MGSV-EC/train_data.csv", demo_data / "features/Kuai_feature")
-        rows = [i for i in range(len(ds)) if float(ds.gt_moments[i, 0]) > 20.0][:16]
-        assert len(rows) == 16
-        batch = collate_fn(ds.__getitems__(rows))
-        gt = batch["gt_moment"][:, 0]
-        args = parse_args(["--name", "t", "--dim_input", "64", "--detr_dim_feedforward", "128",
-                           "--batch_size_train", "16", "--scheduler", "constant",
-                           "--matching_lr", "1e-3", "--detection_lr", "1e-3", "--epochs", "1"], mode="train")
-        torch.manual_seed(0)
-        model, criterion, optimizer, scheduler, _ = build_training(args, torch.device("cpu"), DistInfo(),
-                                                                   steps_per_epoch=150)
+    ds = build_dataset(demo_data / "dataset/MGSV-EC/train_data.csv", demo_data / "features/Kuai_feature")
+    rows = [i for i in range(len(ds)) if float(ds.gt_moments[i, 0]) > 20.0][:16]
+    assert len(rows) == 16
+    batch = collate_fn(ds.__getitems__(rows))
+    gt = batch["gt_moment"][:, 0]
+    args = parse_args(["--name", "t", "--dim_input", "64", "--detr_dim_feedforward", "128",
+                       "--batch_size_train", "16", "--scheduler", "constant",
+                       "--matching_lr", "1e-3", "--detection_lr", "1e-3", "--epochs", "1"], mode="train")
+    torch.manual_seed(0)
+    model, criterion, optimizer, scheduler, _ = build_training(args, torch.device("cpu"), DistInfo(),
+                                                               steps_per_epoch=150)
 
-        def predict() -> torch.Tensor:
-            model.eval()
-            with torch.no_grad():
-                span, _ = top_moment(model(batch)["detection"], 0)
-            model.train()
-            return spans_to_seconds(span, args.max_m_duration)
+    def predict() -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            span, _ = top_moment(model(batch)["detection"], 0)
+        model.train()
+        return spans_to_seconds(span, args.max_m_duration)
 
-        before = _iou(predict(), gt).mean()
-        for _ in range(150):
-            loss, _ = criterion(model(batch), batch)
-            optimization_step(loss, optimizer, args.max_grad_norm)   # train.py's update
-            scheduler.step()
-        pred = predict()
-        iou = _iou(pred, gt)
-        # per-video moments, not one shared guess: the predicted starts follow the true ones
-        assert torch.corrcoef(torch.stack([pred[:, 0], gt[:, 0]]))[0, 1] > 0.8
-        assert float(iou.mean()) > 0.5 > float(before)
-    finally:
-        torch.set_num_threads(threads)
+    before = moment_iou(predict(), gt).mean()
+    for _ in range(150):
+        loss, _ = criterion(model(batch), batch)
+        optimization_step(loss, optimizer, args.max_grad_norm)   # train.py's update
+        scheduler.step()
+    pred = predict()
+    iou = moment_iou(pred, gt)
+    # per-video moments, not one shared guess: the predicted starts follow the true ones
+    assert torch.corrcoef(torch.stack([pred[:, 0], gt[:, 0]]))[0, 1] > 0.8
+    assert float(iou.mean()) > 0.5 > float(before)

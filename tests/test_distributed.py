@@ -36,13 +36,7 @@ TINY = ["--dim_input", "32", "--detr_dim_feedforward", "64", "--detr_enc_layers"
 RUN = ["--device", "cpu", "--num_workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: a second intra-op thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def free_port() -> int:

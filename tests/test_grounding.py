@@ -38,14 +38,7 @@ plot_result(result, "result.png")
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is as fast, and much faster on a loaded CI box, where two
-    threads spin-wait for each other (restored for the other test modules)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _checkpoint(path: Path, seed: int) -> Path:

@@ -9,13 +9,7 @@ from model.losses import (Criterion, RegressionCriterion, RetrievalLoss, SetCrit
 from model.matcher import HungarianMatcher
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (and spins badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_clip_loss_hand_example():

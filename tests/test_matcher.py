@@ -9,13 +9,7 @@ from model.matcher import HungarianMatcher
 from utils.spans import generalized_temporal_iou, span_cw_to_se
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (and spins badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_case(gen, batch, queries, targets):

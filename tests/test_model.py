@@ -10,13 +10,7 @@ from model.position import sine_positions_1d, sinusoid_table
 from utils.options import parse_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (and spins badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL = ["--dim_input", "32", "--SA_temporal_heads", "4", "--detr_nheads", "4", "--detr_dim_feedforward", "64",
          "--contrastive_dim", "16", "--detr_enc_layers", "1", "--detr_dec_layers", "3"]
