@@ -95,14 +95,16 @@ def test_same_seed_is_byte_identical(tmp_path: Path) -> None:
 
 
 def test_difficulty_knobs_from_the_command_line(tmp_path: Path) -> None:
-    """--time_weight / --period_range change the features, not the annotations."""
+    """--time_weight / --period_range / --section_share change the features, not the annotations."""
     script = load_script("make_demo_data")
     args = ["--num_music", "6", "--num_videos", "12", "--val_size", "3", "--test_size", "3"]
     script.main(["--out", str(tmp_path / "a"), *args])
-    script.main(["--out", str(tmp_path / "b"), *args, "--time_weight", "0.95", "--period_range", "30", "120"])
+    script.main(["--out", str(tmp_path / "b"), *args, "--time_weight", "0.95", "--period_range", "30", "120",
+                 "--section_share", "0"])
     cfg = {k: json.loads((tmp_path / k / "demo_data.json").read_text()) for k in "ab"}
     assert cfg["a"]["identity_weight"] == 0.6 and cfg["a"]["min_period"] == 8.0
     assert cfg["b"]["time_weight"] == 0.95 and cfg["b"]["max_period"] == 120.0
+    assert cfg["a"]["section_share"] == 0.8 and cfg["b"]["section_share"] == 0.0
     assert math.isclose(cfg["b"]["identity_weight"] ** 2 + 0.95 ** 2, 1.0)
     csv = "dataset/MGSV-EC/train_data.csv"
     assert (tmp_path / "a" / csv).read_bytes() == (tmp_path / "b" / csv).read_bytes()
@@ -200,3 +202,55 @@ def test_moment_content_depends_on_time(demo_data: Path) -> None:
         wins += score(row.music_start) > score(other)
         total += 1
     assert total >= 10 and wins / total > 0.85, (wins, total)
+
+
+def test_moments_are_learnable_through_the_loader(demo_data: Path, one_torch_thread) -> None:
+    """The dataset's targets and features line up: a tiny cross-correlation model trained on
+    MGSVDataset batches localises the val moments that do not start near 0, where the
+    start-of-track prior fails.
+
+    The model scores every start snippet k by the mean cosine between frame i and the snippet
+    at music time 2.5 k + i (two learnt linear maps), trained with cross-entropy on the
+    ground-truth start. It catches misaligned features, spans or masks, which MaDe's own
+    tests (shapes, equivalences, overfitting one batch) would not.
+    """
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from utils.dataset import build_dataset, collate_fn
+    from utils.metrics import moment_iou
+
+    torch.manual_seed(0)
+    root, stride = demo_data / "dataset" / "MGSV-EC", 2.5
+    train = build_dataset(root / "train_data.csv", demo_data / "features" / "Kuai_feature")
+    val = build_dataset(root / "val_data.csv", demo_data / "features" / "Kuai_feature", store=train.store)
+    proj_v, proj_m = torch.nn.Linear(512, 32), torch.nn.Linear(768, 32)
+
+    def start_logits(b: dict) -> torch.Tensor:
+        fv = F.normalize(proj_v(b["frame_feats"]), dim=-1)
+        fm = F.normalize(proj_m(b["music_feats"]), dim=-1)
+        lv, lm = fv.shape[1], fm.shape[1]
+        sim = fv @ fm.transpose(1, 2)                                               # [B, Lv, Lm]
+        k, i = torch.arange(lm)[:, None], torch.arange(lv)[None, :]
+        at = torch.round((k * stride + i + 0.5) / stride).long().clamp(max=lm - 1)  # [Lm, Lv]
+        per_frame = sim[:, i.expand(lm, -1), at] * b["frame_mask"][:, None, :]       # [B, Lm, Lv]
+        score = per_frame.sum(-1) / b["frame_mask"].sum(-1, keepdim=True)
+        return 20 * score.masked_fill(b["music_mask"] == 0, -1e4)
+
+    opt = torch.optim.Adam([*proj_v.parameters(), *proj_m.parameters()], lr=3e-3)
+    for _ in range(15):
+        for b in DataLoader(train, batch_size=32, shuffle=True, collate_fn=collate_fn):
+            loss = F.cross_entropy(start_logits(b), (b["gt_moment"][:, 0, 0] / stride).round().long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    b = collate_fn([val[i] for i in range(len(val))])
+    gt, length = b["gt_moment"][:, 0].double(), b["v_duration"]
+    with torch.no_grad():
+        start = start_logits(b).argmax(-1).double() * stride
+    learnt = moment_iou(torch.stack([start, start + length], 1), gt)
+    prior = moment_iou(torch.stack([torch.zeros_like(length), length], 1), gt)
+    late = gt[:, 0].numpy() > 5  # where the prior fails (16 of the 40 val moments)
+    # Measured: late moments 0.50 vs 0.14 for the prior; all moments 0.69 vs 0.62.
+    assert late.sum() >= 8 and learnt[late].mean() > max(0.35, prior[late].mean() + 0.2), learnt[late].mean()
+    assert learnt.mean() > prior.mean(), (learnt.mean(), prior.mean())
