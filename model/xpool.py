@@ -82,6 +82,17 @@ class XPool(nn.Module):
         return self.layer_norm3(h + fast_ops.dropout(self.linear_proj(h), self.dropout.p, self.training))
 
 
+    def paired_attention(self, videos: Tensor, snippets: Tensor, mask: Tensor) -> Tensor:
+        """Attention weights [B, L] of video i over the snippets of ITS track i (pairs, not all
+        pairs): where X-Pool looks for the video in its own track (scripts/diagnose_localisation.py)."""
+        q = self.cross_attn.q_proj(self.layer_norm1(videos))
+        k = self.cross_attn.k_proj(self.layer_norm1(snippets))
+        logits = torch.einsum("bd,bld->bl", q, k) / math.sqrt(q.shape[-1])
+        if self.use_mask:
+            logits = logits.masked_fill(mask <= 0, float("-inf"))
+        return logits.softmax(-1)
+
+
 def single_similarity(videos: Tensor, pooled: Tensor) -> Tensor:
     """cos(v_i, P_ji) for videos [Nv, d] and pooled [Nm, Nv, d] -> [Nv, Nm]."""
     return torch.einsum("id,jid->ij", F.normalize(videos, dim=-1), F.normalize(pooled, dim=-1))
