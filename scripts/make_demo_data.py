@@ -319,7 +319,7 @@ def video_features(rng: np.random.Generator, df: pd.DataFrame, tracks: Tracks, p
 
 
 def music_features(rng: np.random.Generator, tracks: Tracks, proj: Projections, stride: float,
-                   cfg: DemoConfig, window: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+                   cfg: DemoConfig, window: float = 10.0, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """AST-like snippets [M, Lm, 768] float32 and masks [M, Lm] (reference section 1.4)."""
     lm = num_snippets_for(stride, cfg.max_m_duration)
     centre = stride * np.arange(lm)                                          # [Lm]
@@ -328,9 +328,12 @@ def music_features(rng: np.random.Generator, tracks: Tracks, proj: Projections, 
     dur = tracks.duration[:, None, None]
     inside = (t[None] >= 0) & (t[None] <= dur)                               # [M, Lm, P]
     all_tracks = np.arange(len(tracks.ids))
-    z = tracks.latent(all_tracks[:, None], np.broadcast_to(t, (len(all_tracks), lm, t.shape[1])), cfg)
     weight = inside / np.maximum(inside.sum(-1, keepdims=True), 1)
-    z_win = np.einsum("mlp,mlpd->mld", weight, z)                            # window average
+    z_win = np.empty((len(all_tracks), lm, cfg.latent_dim))
+    for lo in range(0, len(all_tracks), chunk):  # [chunk, Lm, P, D] at a time: bounded memory
+        sl = slice(lo, lo + chunk)
+        z = tracks.latent(all_tracks[sl, None], np.broadcast_to(t, (len(all_tracks[sl]), lm, t.shape[1])), cfg)
+        z_win[sl] = np.einsum("mlp,mlpd->mld", weight[sl], z)              # window average
     signal = (z_win.reshape(-1, z_win.shape[-1]) @ proj.w_music).reshape(len(all_tracks), lm, MUSIC_DIM)
     x = (cfg.music_mean * proj.mean_music + cfg.music_signal * signal
          + cfg.music_noise * rng.standard_normal((len(all_tracks), lm, MUSIC_DIM), dtype=np.float32))
@@ -444,7 +447,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
-    knobs = dict(video_signal=args.video_signal, section_share=args.section_share, min_period=args.period_range[0], max_period=args.period_range[1])
+    knobs = dict(video_signal=args.video_signal, section_share=args.section_share,
+                 min_period=args.period_range[0], max_period=args.period_range[1])
     if args.time_weight != DemoConfig.time_weight:  # keep the default's exact 0.6 (byte-identical outputs)
         knobs.update(time_weight=args.time_weight, identity_weight=float(np.sqrt(max(0.0, 1 - args.time_weight**2))))
     try:
