@@ -81,7 +81,6 @@ class XPool(nn.Module):
         h = self.layer_norm2(o)
         return self.layer_norm3(h + fast_ops.dropout(self.linear_proj(h), self.dropout.p, self.training))
 
-
     def paired_attention(self, videos: Tensor, snippets: Tensor, mask: Tensor) -> Tensor:
         """Attention weights [B, L] of video i over the snippets of ITS track i (pairs, not all
         pairs): where X-Pool looks for the video in its own track (scripts/diagnose_localisation.py)."""

@@ -28,14 +28,13 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import (CheckpointError, adopt_checkpoint_config, load_checkpoint,  # noqa: E402
-                              load_model_weights)
+from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.dataset import build_dataset, collate_fn  # noqa: E402
 from utils.engine import foreground_index, spans_to_seconds, to_device, top_moment  # noqa: E402
+from utils.grounding import load_model  # noqa: E402
 from utils.metrics import smg_ious  # noqa: E402
 from utils.options import parse_args  # noqa: E402
 from utils.preflight import run_cli  # noqa: E402
-from utils.runtime import resolve_device  # noqa: E402
 
 
 def best_window_starts(attention: np.ndarray, stride: float, v_duration: np.ndarray, m_duration: np.ndarray,
@@ -65,7 +64,8 @@ def diagnose(model: torch.nn.Module, loader: DataLoader, args: argparse.Namespac
         a = model.xpool.paired_attention(out["video_emb"], out["snippet_tokens"], batch["music_mask"])
         xp.append(a.float().cpu())
         if len(span) > 1:  # the same videos with the next video's track
-            swapped = dict(batch, music_feats=batch["music_feats"].roll(1, 0), music_mask=batch["music_mask"].roll(1, 0))
+            swapped = dict(batch, music_feats=batch["music_feats"].roll(1, 0),
+                           music_mask=batch["music_mask"].roll(1, 0))
             other, _ = top_moment(model(swapped)["detection"], fg)
             shift.append(((other[:, 0] - span[:, 0]).abs() * args.max_m_duration).cpu())
         gt.append(batch["gt_moment"][:, 0].cpu())
@@ -73,7 +73,8 @@ def diagnose(model: torch.nn.Module, loader: DataLoader, args: argparse.Namespac
         m_dur.append(batch["m_duration"].cpu())
     det_se, gt_se = torch.cat(det).double().numpy(), torch.cat(gt).double().numpy()
     v_dur, m_dur = torch.cat(v_dur).double().numpy(), torch.cat(m_dur).double().numpy()
-    xp_start = best_window_starts(torch.cat(xp).double().numpy(), args.stride, v_dur, np.minimum(m_dur, args.max_m_duration))
+    xp_start = best_window_starts(torch.cat(xp).double().numpy(), args.stride, v_dur,
+                                  np.minimum(m_dur, args.max_m_duration))
     readouts = {"detector": det_se, "xpool": np.stack([xp_start, xp_start + v_dur], 1),
                 "start0": np.stack([np.zeros_like(v_dur), v_dur], 1)}
     is_late = gt_se[:, 0] > late
@@ -105,21 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--late", type=float, default=10.0, help="moments starting after this many seconds are 'late'")
     own, rest = pre.parse_known_args(argv)
     args = parse_args(rest, mode="test")
-    device = resolve_device(args.device)
-    path = Path(args.load_uni_model_path)
-    state = load_checkpoint(path)
-    adopt_checkpoint_config(args, state)
-    from model.made import build_model
-    model = build_model(args)
-    load_model_weights(model, state, path)
-    if model.xpool is None:
-        raise CheckpointError(f"{path} was trained without X-Pool (--vmr_fusion NO): there is no attention to "
-                              "compare the detector with.")
-    dataset = build_dataset(args.test_csv, args.frozen_feature_path, stride=args.stride,
-                            max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows,
-                            use_packed=bool(args.use_packed), num_frames=args.max_v_frames)
+    # The model and its settings (stride, max_m_duration, frame slots) come from the checkpoint,
+    # as in test.py; the command line gives the split, the features and the batch size.
+    gm = load_model(args.load_uni_model_path, args.device)
+    if gm.model.xpool is None:
+        raise CheckpointError(f"{gm.checkpoint} was trained without X-Pool (--vmr_fusion NO): there is no "
+                              "attention to compare the detector with.")
+    cfg = gm.args
+    dataset = build_dataset(args.test_csv, args.frozen_feature_path, stride=cfg.stride,
+                            max_m_duration=cfg.max_m_duration, skip_bad_rows=args.skip_bad_rows,
+                            use_packed=bool(args.use_packed), num_frames=cfg.max_v_frames)
     loader = DataLoader(dataset, batch_size=args.batch_size_val, collate_fn=collate_fn)
-    print(report(diagnose(model.to(device), loader, args, device, own.late)))
+    print(report(diagnose(gm.model, loader, cfg, gm.device, own.late)))
     return 0
 
 
