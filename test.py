@@ -6,6 +6,10 @@
 --load_uni_model_path takes a checkpoint file (ours or the authors') or a training
 folder: with --test_best 1 the four best checkpoints found there are evaluated
 (in the original's order), otherwise its last checkpoint.
+
+Besides the paper's metrics it prints them on the videos whose track is seen / unseen in the
+training CSV (--prior_csv; default: the checkpoint's --train_csv) and on the moments on / off
+their track's canonical start: whether the model localises or remembers how a track is used.
 """
 from __future__ import annotations
 
@@ -57,6 +61,20 @@ def prediction_rows(collected, details: dict, ranking: int) -> list[dict]:
     return rows
 
 
+def usage_prior(args, state: dict, log) -> tuple[str | None, dict | None]:
+    """(prior CSV, canonical clips) for the breakdown: --prior_csv, else the checkpoint's --train_csv
+    when that file exists here; (None, None) when there is none or --prior_csv none."""
+    from utils.annotations import load_annotations
+    from utils.track_prior import canonical_clips
+    if args.prior_csv.lower() == "none":
+        return None, None
+    path = args.prior_csv or (state.get("config") or {}).get("train_csv") or ""
+    if not args.prior_csv and not Path(path).is_file():
+        log.info("no training CSV known for this checkpoint: seen/unseen breakdown skipped (pass --prior_csv)")
+        return None, None
+    return path, canonical_clips(load_annotations(path, args.max_m_duration, args.skip_bad_rows))
+
+
 def split_name(csv_path: str) -> str:
     name = Path(csv_path).name
     return "test" if "test" in name else ("val" if "val" in name else Path(csv_path).stem)
@@ -66,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.made import build_criterion, build_model
     from utils.annotations import load_annotations
     from utils.dataset import build_dataset
+    from utils.track_prior import subset_masks, subset_metrics, subset_table
 
     args = parse_args(argv, mode="test")
     device = resolve_device(args.device)
@@ -109,24 +128,31 @@ def main(argv: list[str] | None = None) -> int:
         criterion = build_criterion(args).to(device)
         metrics, collected, details = evaluate(model, criterion, loader_for(args), device, args,
                                                show_progress=dist_info.is_main)
-        results[path.name] = metrics
         log.info(f"{path} (epoch {state.get('epoch')}):\n" + format_table({path.name: metrics}))
+        prior_csv, clips = usage_prior(args, state, log)
+        if clips is not None:
+            masks = subset_masks(collected.music_ids, collected.gt_se[:, 0], clips)
+            breakdown = subset_metrics(details["rank0"], details["ious"], masks)
+            log.info(f"by track usage in {prior_csv} (seen/unseen track; on/off its canonical start "
+                     f"within 1 s):\n" + format_table(subset_table(breakdown)))
+            metrics = {**metrics, **breakdown}
+        results[path.name] = metrics
         if args.save_json and dist_info.is_main:
             out = log_dir / (f"uni_{split_name(args.test_csv)}_{state.get('epoch')}_"
                              f"Mo-R1={metrics['R1_iou0.7']:.2f}.json")
             atomic_write_json(prediction_rows(collected, details, args.save_json_ranking), out)
             log.info(f"per-video predictions: {out}")
     if args.metrics_json and dist_info.is_main:
-        # A flat object with exactly METRIC_KEYS; several checkpoints give one file each,
-        # named after the checkpoint's suffix (metrics_best_r1.json, ...).
+        # A flat object with METRIC_KEYS (+ the "seen/mIoU"-style breakdown keys); several checkpoints
+        # give one file each, named after the checkpoint's suffix (metrics_best_r1.json, ...).
         target = Path(args.metrics_json)
         for path in paths:
             out = target if len(paths) == 1 else target.with_name(
                 f"{target.stem}_{path.name.split('.')[-1]}{target.suffix or '.json'}")
-            atomic_write_json({k: results[path.name][k] for k in METRIC_KEYS}, out)
+            atomic_write_json(results[path.name], out)
             log.info(f"metrics written to {out}")
     if len(results) > 1:
-        log.info("summary:\n" + format_table(results))
+        log.info("summary:\n" + format_table({k: {m: v[m] for m in METRIC_KEYS} for k, v in results.items()}))
     D.cleanup()
     return 0
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from utils.spans import generalized_temporal_iou, span_cw_to_se
 
 from . import fast_ops
+from .boundary_head import BoundaryCriterion
 from .matcher import HungarianMatcher
 
 # Loss weights and matcher costs: hard-coded in the original (no flags).
@@ -287,8 +288,10 @@ class Criterion(nn.Module):
 def build_criterion(args: argparse.Namespace) -> Criterion:
     foreground = 0 if args.fb_label == "01" else 1
     retrieval = RetrievalLoss(args.vmr_loss, args.dual_single_loss_weight, bool(args.mask_same_music))
-    if args.mml_localization == "regression":
-        localization: nn.Module = RegressionCriterion()
+    if args.moment_head == "boundary":
+        localization: nn.Module = BoundaryCriterion(args.stride, args.max_m_duration)
+    elif args.mml_localization == "regression":
+        localization = RegressionCriterion()
     else:
         matcher = HungarianMatcher(foreground_label=foreground)
         localization = SetCriterion(matcher, foreground, contrastive_align=bool(args.contrastive_align_loss))

@@ -4,6 +4,7 @@
     snippets --music_encoder--> m [B, d] (global), Sm [B, 96, d] (snippet tokens)
     retrieval: dual cos(v_i, m_j) and single cos(v_i, XPool(v_i, Sm_j)) for all pairs
     detection: DETR over [Fv ; Sm] with one query whose content is v -> (center, width)
+               (or, opt-in, --moment_head boundary: start logits over the snippets; boundary_head.py)
 
 Module names follow the authors' checkpoints where that reads fine (see
 checkpoint_compat.py for the few renamed prefixes).
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from utils.distributed import gather_with_grad, get_rank, is_dist
 
+from .boundary_head import BoundaryHead
 from .detr import MLP, Transformer
 from .encoders import TemporalEncoder
 from .losses import build_criterion  # noqa: F401  (re-exported: train.py/test.py import it from here)
@@ -73,6 +75,9 @@ class MaDeConfig:
     contrastive_align: bool = True
     contrastive_dim: int = 256
     separate_positions: bool = False     # fix flag
+    moment_head: str = "detr"            # "detr" (paper) or "boundary" (opt-in, model/boundary_head.py)
+    stride: float = 2.5                  # seconds between music snippets (the boundary head's grid)
+    foreground: int = 0                  # class index of "foreground" in pred_logits (--fb_label)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MaDeConfig":
@@ -93,7 +98,8 @@ class MaDeConfig:
             # The original never passes --decoder_SA to the decoder layers (reference 7.1).
             decoder_self_attn=not (args.decoder_SA_fix and not args.decoder_SA),
             aux_loss=bool(args.aux_loss), contrastive_align=bool(args.contrastive_align_loss),
-            contrastive_dim=args.contrastive_dim, separate_positions=bool(args.separate_positions))
+            contrastive_dim=args.contrastive_dim, separate_positions=bool(args.separate_positions),
+            moment_head=args.moment_head, stride=float(args.stride), foreground=0 if args.fb_label == "01" else 1)
 
     def replace(self, **changes) -> "MaDeConfig":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -122,6 +128,9 @@ class MaDe(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
 
         # Detection.
+        if cfg.moment_head == "boundary":   # replaces the whole DETR detector
+            self.boundary_head = BoundaryHead(d, cfg.stride, cfg.max_m_duration, foreground=cfg.foreground)
+            return
         self.transformer = Transformer(d, cfg.detr_nheads, cfg.enc_layers, cfg.dec_layers, cfg.detr_ffn,
                                        cfg.detr_dropout, cfg.pre_norm, cfg.decoder_self_attn)
         # Positional query; N(0, 1) and, in the original, in no optimiser group (frozen).
@@ -193,6 +202,10 @@ class MaDe(nn.Module):
         for --predict_center 1.
         """
         cfg = self.cfg
+        if cfg.moment_head == "boundary":
+            if v_duration is None:
+                raise ValueError("--moment_head boundary needs v_duration (the moment lasts as long as the video)")
+            return self.boundary_head(Fv, frame_mask, Sm, music_mask, v_duration)
         src = torch.cat([Fv, Sm], dim=1)
         mask = torch.cat([frame_mask, music_mask], dim=1).to(src.dtype)
         if cfg.separate_positions:
@@ -307,7 +320,7 @@ class MaDe(nn.Module):
         detection = [p for name, p in self.named_parameters()
                      if not name.startswith(("video_encoder.", "music_encoder.", "xpool.", "logit_scale",
                                              "decoder_query_embed."))]
-        if getattr(args, "train_query_pos", 0):
+        if getattr(args, "train_query_pos", 0) and hasattr(self, "decoder_query_embed"):
             detection.append(self.decoder_query_embed.weight)
         return [{"name": "temporal", "params": temporal, "lr": matching_lr},
                 {"name": "matching", "params": matching, "lr": matching_lr},

@@ -2,13 +2,16 @@
 
     python scripts/build_music_index.py --load_uni_model_path RUN/pytorch_model.bin.best_r1 \
         --frozen_feature_path features/Kuai_feature --music_ids dataset/MGSV-EC/test_data.csv \
-        --out indexes/test_music [--stride 2.5] [--dtype float32|float16] [--overwrite]
+        --out indexes/test_music [--prior_csv dataset/MGSV-EC/train_data.csv] [--stride 2.5] \
+        [--dtype float32|float16] [--overwrite]
 
 --music_ids: a CSV with a music_id column (an MGSV-EC split works; its music_total_duration
 gives the track durations) or a text file with one id per line (durations are then estimated
 from the AST mask: valid snippets x stride). The index records the checkpoint path, a sha256
 fingerprint of its weights and the configuration; ground.py refuses an index built with other
-weights. The folder is written under a temporary name and renamed when complete.
+weights. With --prior_csv (an annotation CSV, normally the training split) the index also stores
+each track's canonical clip there and how many videos use it; ground.py then shows it beside the
+model's moment. The folder is written under a temporary name and renamed when complete.
 Exit status 2 with a one-line message on bad input.
 """
 from __future__ import annotations
@@ -35,19 +38,23 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64, help="tracks encoded per forward pass")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda")
     p.add_argument("--use_packed", type=int, choices=[0, 1], default=1, help="use a packed feature store if present")
+    p.add_argument("--prior_csv", default=None,
+                   help="annotation CSV whose usage of each track (canonical clip, number of videos) is stored")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.grounding import build_index, check_out_folder, load_model, open_index, read_music_ids
+    from utils.grounding import build_index, check_out_folder, load_model, open_index, read_music_ids, read_usage
     args = get_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ValueError("--batch_size must be >= 1")
     t0 = time.time()
     # Cheap checks first, so bad input fails before the model loads.
     read_music_ids(args.music_ids)
+    if args.prior_csv is not None:
+        read_usage(args.prior_csv)
     check_out_folder(Path(args.out), args.overwrite)
     gm = load_model(args.load_uni_model_path, args.device)
     if args.stride is not None and args.stride != gm.stride:
@@ -55,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         gm.args.stride = args.stride
     out = build_index(gm, args.music_ids, args.frozen_feature_path, args.out, batch_size=args.batch_size,
                       dtype=args.dtype, overwrite=args.overwrite, use_packed=bool(args.use_packed),
-                      progress=not args.quiet)
+                      progress=not args.quiet, prior_csv=args.prior_csv)
     lib = open_index(out)
     m = lib.manifest
     print(f"wrote {out}: {len(lib)} tracks, {lib.size_bytes() / 2**20:.1f} MiB ({m['dtype']}), "
-          f"{m['durations_from_mask']} duration(s) estimated from the mask, {time.time() - t0:.1f} s; "
+          f"{m['durations_from_mask']} duration(s) estimated from the mask, "
+          f"{m.get('tracks_with_usage', 0)} with a canonical clip, {time.time() - t0:.1f} s; "
           f"weights sha256 {m['fingerprint'][:12]}")
     return 0
 

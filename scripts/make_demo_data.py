@@ -39,19 +39,31 @@ How the signal is built (so that a model has to use both modalities):
   versus 0.51 for the "start at 0, video length" prior. --video_signal scales the 0.45
   (lower = harder); --section_share 0 gives the earlier, purely smooth s_j(t).
 
-Splits: every track gets training videos (num_videos in total, >= 1 per track, several
-per track on average, ~30 % of them re-using an earlier moment of the same track, as
-several real videos share a moment). val and test each pick val_size / test_size
-distinct tracks with one new video each (one-to-one like the real splits); the two
-track sets are drawn independently, so they overlap each other and all overlap the
-training tracks (in the real data most val/test tracks also occur in train). Videos
-never repeat across splits.
+Canonical clips (as MGSV-EC has them). On the real data a track is used with one canonical
+clip: most videos of a track take the same cut, trimmed to their own length (66.8 % of the
+real test videos start within 0.01 s of the val moment of the same track, 80.7 % within 1 s;
+`python -m utils.evaluate --stats` measures it). So each track gets a canonical start (42 %
+in its first second, 28 % at 0; the others at the real deciles of start / track length), and
+every video, val and test included, takes it with probability --canonical_share (0.8; most
+exactly, some within 0.75 s), else a start of its own as below. The canonical clip is also
+audible: from the canonical start on, for --hook_length s, the track's latent carries a "hook"
+vector shared by all tracks (weight --hook_strength), as a chorus would, so that it can be
+found from the music of a track never seen in training. --canonical_share 0 gives data with
+no canonical clips (and no hook): every moment drawn on its own.
 
-Statistics follow the real val/test CSVs: videos 5-49.5 s (median ~20 s), tracks 30-240 s
-(< 240), moment length = video length, ~23 % of moments start at 0 and ~15 % more within
-the first second, the rest early in the track like the real ones (relative position
-start / latest-possible-start ~ Beta(1, 2.2)). The "start at 0, video length" baseline
-then scores mIoU ~0.49 on the test split, as on the real val split (0.484).
+Splits: a quarter of the tracks (--unseen_share) gets no training video, so that val/test
+hold tracks never seen in training; every other track gets training videos (num_videos in
+total, >= 1 per track, several per track on average; off their canonical clip, ~30 % re-use
+an earlier moment of the same track). val and test each pick val_size / test_size distinct
+tracks with one new video each (one-to-one like the real splits), drawn independently from
+all tracks, so they overlap each other and mostly overlap the training tracks. Videos never
+repeat across splits.
+
+Statistics follow the real val/test CSVs (tests/test_track_prior.py checks them with the
+stats tool): videos 5-49.5 s (median ~20 s), tracks 30-240 s (< 240), moment length = video
+length, ~37 % of moments start within the first second (~60 % of those at 0), the rest early
+in the track like the real ones (relative position start / latest-possible-start ~ Beta(1,
+2.2) off the canonical clips).
 
 Deterministic: the same arguments give byte-identical files (one numpy Generator, fixed
 float formatting, plain contiguous tensors saved with torch.save). CSVs and the marker are
@@ -119,6 +131,10 @@ class DemoConfig:
     section_share: float = 0.8      # share of s_j(t)'s variance from piecewise-constant sections
     min_section: float = 8.0        # section lengths, seconds
     max_section: float = 24.0
+    canonical_share: float = 0.8    # videos that take their track's canonical clip (real: 80.7 % within 1 s)
+    hook_strength: float = 1.0      # weight of the shared "hook" vector from the canonical start on
+    hook_length: float = 20.0       # seconds the hook lasts
+    unseen_share: float = 0.25      # tracks with no training video (val/test only)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +151,8 @@ class Tracks:
     amp: np.ndarray           # [M, K, D]
     section_start: np.ndarray | None = None   # [M, S] seconds, +inf past the last section
     section_vec: np.ndarray | None = None     # [M, S, D]
+    canonical: np.ndarray | None = None       # [M] canonical start (s); None: no canonical clips
+    hook: np.ndarray | None = None            # [D] the hook vector shared by all tracks
 
     def latent(self, track: np.ndarray, t: np.ndarray, cfg: DemoConfig) -> np.ndarray:
         """z_track(t) for track indices `track` [...] and times `t` [..., P] -> [..., P, D]."""
@@ -145,7 +163,12 @@ class Tracks:
             idx = np.maximum((t[..., None] >= starts).sum(-1) - 1, 0)             # [..., P]
             section = self.section_vec[track[..., None], idx]                     # [..., P, D]
             wave = np.sqrt(cfg.section_share) * section + np.sqrt(1 - cfg.section_share) * wave
-        return cfg.identity_weight * self.identity[track][..., None, :] + cfg.time_weight * wave
+        z = cfg.identity_weight * self.identity[track][..., None, :] + cfg.time_weight * wave
+        if self.hook is not None and cfg.hook_strength > 0:
+            since = t - self.canonical[track][..., None]                            # [..., P]
+            in_hook = (since >= 0) & (since < cfg.hook_length)
+            z = z + cfg.hook_strength * in_hook[..., None] * self.hook
+        return z
 
 
 def _music_ids(rng: np.random.Generator, n: int) -> list[str]:
@@ -189,31 +212,88 @@ def make_tracks(rng: np.random.Generator, cfg: DemoConfig) -> Tracks:
         starts = np.concatenate([np.zeros((m, 1)), np.cumsum(lengths, 1)[:, :-1]], 1)
         tracks.section_start = np.where(starts < duration[:, None], starts, np.inf)
         tracks.section_vec = srng.normal(size=(m, n_max, d))
+    if cfg.canonical_share > 0:
+        crng = _canonical_rng(cfg)
+        tracks.canonical = _canonical_starts(crng, duration)
+        tracks.hook = crng.normal(size=d)
     return tracks
+
+
+def _canonical_rng(cfg: DemoConfig) -> np.random.Generator:
+    """The canonical clips' own stream: the rest of the data does not shift when their knobs change."""
+    return np.random.default_rng([cfg.seed, 2])
+
+
+# Real val/test CSVs, videos that take their track's canonical clip: 42 % of those clips start
+# within the first second (28 % at 0); the others start at these deciles of the track length.
+CANONICAL_AT_ZERO, CANONICAL_IN_FIRST_SECOND = 0.28, 0.42
+CANONICAL_DECILES = np.array([0.005, 0.035, 0.075, 0.122, 0.2, 0.239, 0.266, 0.297, 0.343, 0.464, 0.802])
+# Real: 37.4 % of all moments start within the first second, 60 % of those at 0 exactly.
+FIRST_SECOND, AT_ZERO_OF_FIRST_SECOND = 0.374, 0.6
+
+
+def _canonical_starts(rng: np.random.Generator, duration: np.ndarray) -> np.ndarray:
+    """Each track's canonical start (s), distributed as in the real annotations."""
+    u = rng.random(duration.size)
+    later = duration * np.interp(rng.random(duration.size), np.linspace(0, 1, 11), CANONICAL_DECILES)
+    start = np.where(u < CANONICAL_AT_ZERO, 0.0,
+                     np.where(u < CANONICAL_IN_FIRST_SECOND, rng.random(duration.size), np.maximum(later, 1.0)))
+    return np.round(start, 3)
 
 
 # --------------------------------------------------------------------------------------------
 # Videos (CSV rows)
 
 
-def _sample_moment(rng: np.random.Generator, track_dur: float) -> tuple[float, float]:
-    """(music_start, duration) with the real data's statistics; moment inside the track."""
+def _sample_moment(rng: np.random.Generator, track_dur: float,
+                   first_second: float = FIRST_SECOND) -> tuple[float, float]:
+    """(music_start, duration) with the real data's statistics; moment inside the track.
+
+    `first_second` is the share of starts within the first second (60 % of them at 0). The
+    others sit early in the track: in the real val/test CSVs the relative position
+    start/latest has quantiles 0.04/0.11/0.27/0.38/0.59 at 10/25/50/75/90 % (the same for
+    the videos off their track's canonical clip), which Beta(1, 2.2) follows (0.05/0.12/0.27/0.47/0.65).
+    """
     dur = float(np.clip(rng.lognormal(np.log(20.0), 0.45), 5.0, 49.5))
     dur = round(min(dur, track_dur - 0.5), 3)
     latest = track_dur - dur - 0.01
     u = rng.random()
-    # Real val/test: 23 % start at 0, 15 % more within 1 s; the others sit early in the track
-    # (relative position start/latest has quantiles 0.04/0.11/0.27/0.38/0.59 at 10/25/50/75/90 %),
-    # which Beta(1, 2.2) follows (0.05/0.12/0.27/0.47/0.65).
-    start = 0.0 if u < 0.23 else rng.uniform(0.0, min(1.0, latest)) if u < 0.38 else latest * rng.beta(1.0, 2.2)
+    zero = AT_ZERO_OF_FIRST_SECOND * first_second
+    start = (0.0 if u < zero else rng.uniform(0.0, min(1.0, latest)) if u < first_second
+             else latest * rng.beta(1.0, 2.2))
     return round(start, 3), dur
 
 
+def _canonical_moment(rng: np.random.Generator, crng: np.random.Generator, canonical: float,
+                      track_dur: float) -> tuple[float, float]:
+    """A video cut from its track's canonical clip, trimmed to its own length: the canonical start
+    itself for 83 % of them (real: 66.8 % of 80.7 % within 0.01 s), otherwise within 0.75 s of it."""
+    _, dur = _sample_moment(rng, track_dur)
+    start = canonical if crng.random() < 0.83 else max(0.0, canonical + crng.uniform(-0.75, 0.75))
+    return round(min(start, track_dur - dur - 0.01), 3), dur
+
+
+def _off_canonical_first_second(cfg: DemoConfig) -> float:
+    """Share of first-second starts among the videos off their canonical clip, chosen so that all
+    moments together keep the real 37.4 % (real: 20.5 % of the off-canonical videos; here 19 %
+    with the default canonical_share 0.8; 37.4 % with canonical_share 0, as before canonical clips)."""
+    rest = FIRST_SECOND - cfg.canonical_share * CANONICAL_IN_FIRST_SECOND
+    return float(np.clip(rest / max(1.0 - cfg.canonical_share, 1e-9), 0.0, 1.0))
+
+
+def _unseen_tracks(cfg: DemoConfig) -> np.ndarray:
+    """Tracks that get no training video (always leaving at least one track for training)."""
+    n = min(int(round(cfg.unseen_share * cfg.num_music)), cfg.num_music - 1)
+    return np.sort(np.random.default_rng([cfg.seed, 3]).choice(cfg.num_music, n, replace=False))
+
+
 def _assign_train_tracks(rng: np.random.Generator, cfg: DemoConfig) -> np.ndarray:
-    """Every track at least once (when possible), the rest by an uneven popularity."""
+    """Every seen track at least once (when possible), the rest by an uneven popularity."""
     m, n = cfg.num_music, cfg.num_videos
-    first = rng.permutation(m)[: min(m, n)]
-    popularity = rng.gamma(1.0, size=m)
+    seen = np.ones(m, dtype=bool)
+    seen[_unseen_tracks(cfg)] = False
+    first = rng.permutation(np.flatnonzero(seen))[: min(int(seen.sum()), n)]
+    popularity = rng.gamma(1.0, size=m) * seen
     rest = rng.choice(m, size=n - len(first), p=popularity / popularity.sum())
     return np.concatenate([first, rest]).astype(np.int64)
 
@@ -227,16 +307,20 @@ def make_rows(rng: np.random.Generator, tracks: Tracks, cfg: DemoConfig) -> dict
     }
     video_ids = iter(_video_ids(rng, sum(len(v) for v in split_tracks.values())))
     moments: dict[int, list[tuple[float, float]]] = {}
+    crng = np.random.default_rng([cfg.seed, 4])   # own stream: canonical choices do not shift the rest
+    off_first_second = _off_canonical_first_second(cfg)
     out = {}
     for split, track_idx in split_tracks.items():
         rows = []
         for j in track_idx:
             j = int(j)
             track_dur = float(tracks.duration[j])
-            if split == "train" and moments.get(j) and rng.random() < cfg.reuse_moment:
+            if tracks.canonical is not None and crng.random() < cfg.canonical_share:
+                start, dur = _canonical_moment(rng, crng, float(tracks.canonical[j]), track_dur)
+            elif split == "train" and moments.get(j) and rng.random() < cfg.reuse_moment:
                 start, dur = moments[j][int(rng.integers(len(moments[j])))]
             else:
-                start, dur = _sample_moment(rng, track_dur)
+                start, dur = _sample_moment(rng, track_dur, off_first_second)
                 if split == "train":
                     moments.setdefault(j, []).append((start, dur))
             rows.append(_row(rng, next(video_ids), tracks.ids[j], j, start, dur, track_dur))
@@ -394,6 +478,10 @@ def make_demo_data(out: str | Path, num_music: int = 200, num_videos: int = 2000
         raise ValueError("val_size and test_size must be in 1..num_music (one video per track)")
     if not (0.0 <= cfg.section_share <= 1.0 and 0.0 < cfg.min_section <= cfg.max_section):
         raise ValueError("section_share must be in [0, 1] and 0 < min_section <= max_section")
+    if not (0.0 <= cfg.canonical_share <= 1.0 and 0.0 <= cfg.unseen_share < 1.0):
+        raise ValueError("canonical_share must be in [0, 1] and unseen_share in [0, 1)")
+    if not (cfg.hook_strength >= 0.0 and cfg.hook_length > 0.0):
+        raise ValueError("hook_strength must be >= 0 and hook_length > 0")
     dirs = [music_dir_for_stride(s) for s in cfg.strides]  # validates the strides early
     out = Path(out)
     _prepare_out(out, overwrite)
@@ -441,6 +529,15 @@ def get_parser() -> argparse.ArgumentParser:
                    metavar=("MIN", "MAX"), help="periods (s) of the sinusoids in s_j(t)")
     p.add_argument("--section_share", type=float, default=DemoConfig.section_share,
                    help="share of the time-varying part's variance carried by piecewise-constant sections")
+    p.add_argument("--canonical_share", type=float, default=DemoConfig.canonical_share,
+                   help="share of videos cut from their track's canonical clip (real MGSV-EC: ~0.8); "
+                        "0 = no canonical clips, every moment drawn on its own")
+    p.add_argument("--hook_strength", type=float, default=DemoConfig.hook_strength,
+                   help="how audible the canonical clip is: weight of a hook vector shared by all tracks, "
+                        "present for --hook_length s from each track's canonical start (0 = silent)")
+    p.add_argument("--hook_length", type=float, default=DemoConfig.hook_length, help="seconds")
+    p.add_argument("--unseen_share", type=float, default=DemoConfig.unseen_share,
+                   help="share of tracks with no training video (they occur in val/test only)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo dataset in --out")
     return p
 
@@ -448,6 +545,8 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
     knobs = dict(video_signal=args.video_signal, section_share=args.section_share,
+                 canonical_share=args.canonical_share, hook_strength=args.hook_strength,
+                 hook_length=args.hook_length, unseen_share=args.unseen_share,
                  min_period=args.period_range[0], max_period=args.period_range[1])
     if args.time_weight != DemoConfig.time_weight:  # keep the default's exact 0.6 (byte-identical outputs)
         knobs.update(time_weight=args.time_weight, identity_weight=float(np.sqrt(max(0.0, 1 - args.time_weight**2))))

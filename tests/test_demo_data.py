@@ -45,12 +45,13 @@ def test_ids_and_split_structure(demo_data: Path) -> None:
     assert len(set(all_videos)) == len(all_videos)  # videos never repeat across splits
     assert all(re.fullmatch(r"1[01]\d{10}", v) for v in all_videos)
     tracks = set(dfs["train"]["music_id"])
-    assert len(tracks) == DEMO_SIZES["num_music"]
+    # A quarter of the tracks (--unseen_share) has no training video: they occur in val/test only.
+    assert len(tracks) == DEMO_SIZES["num_music"] - round(0.25 * DEMO_SIZES["num_music"])
     assert all(re.fullmatch(r"[47]\+5x[a-z0-9]{13}", m) for m in tracks)
     assert dfs["train"]["music_id"].value_counts().max() >= 3  # several videos per track
     for s in ("val", "test"):
         assert dfs[s]["music_id"].is_unique  # one-to-one, like the real val/test
-        assert set(dfs[s]["music_id"]) <= tracks
+        assert 0 < len(set(dfs[s]["music_id"]) - tracks) < len(dfs[s]) / 2
 
 
 def test_statistics_like_the_real_data(demo_data: Path) -> None:
@@ -64,7 +65,9 @@ def test_statistics_like_the_real_data(demo_data: Path) -> None:
     early = (df["music_start"] < 1.0).mean()
     assert 0.25 < early < 0.55, early  # ~40 % start within the first second
     assert df["music_start"].max() > 60.0  # the rest spread over the track ...
-    assert 3.0 < df["music_start"].median() < 15.0  # ... but early, like the real 8.6-8.9 s
+    # ... but early, like the real 8.6-8.9 s. Videos of a track share its canonical start, so the
+    # median of this 60-track fixture rests on ~45 canonical starts (5-9 s at 600 tracks).
+    assert 1.0 < df["music_start"].median() < 15.0
 
 
 def test_feature_layout_and_masks(demo_data: Path) -> None:

@@ -113,7 +113,7 @@ def test_matches_test_py(test_py_rows: list[dict], ground_rows: list[dict]) -> N
 
 def test_json_shape(ground_rows: list[dict]) -> None:
     row = ground_rows[0]
-    assert set(row["tracks"][0]) == {"music_id", "score", "start", "end", "confidence"}
+    assert set(row["tracks"][0]) == {"music_id", "score", "start", "end", "confidence", "canonical"}
     scores = [t["score"] for t in row["tracks"]]
     assert scores == sorted(scores, reverse=True)
 
@@ -331,3 +331,44 @@ def test_shortlist_uses_faiss_when_installed(setup: dict, monkeypatch: pytest.Mo
     monkeypatch.setattr(library, "_faiss_index", None)
     with_faiss = shortlist(library, v, 8)
     assert (np.sort(with_faiss, 1) == np.sort(plain, 1)).all()
+
+
+def test_index_with_usage_history_reports_canonical_clips(setup: dict, ground_rows: list[dict], demo_data: Path,
+                                                         tmp_path: Path) -> None:
+    """build_music_index --prior_csv stores each track's canonical clip in the training CSV; ground.py
+    reports it beside the model's moment (trimmed to the query's length) and draws it in the plot."""
+    from utils.annotations import load_annotations
+    from utils.track_prior import canonical_clips
+    train_csv = demo_data / "dataset/MGSV-EC/train_data.csv"
+    index = tmp_path / "usage.index"
+    assert load_script("build_music_index").run(
+        ["--load_uni_model_path", str(setup["ckpt"]), "--frozen_feature_path", str(setup["features"]),
+         "--music_ids", str(setup["csv"]), "--out", str(index), "--prior_csv", str(train_csv), "--quiet"]) == 0
+    clips = canonical_clips(load_annotations(train_csv))
+    test_df = load_annotations(setup["csv"])
+    seen = test_df[test_df["music_id"].isin(clips)]
+    assert 0 < len(seen) < len(test_df)                     # the demo data has unseen tracks too
+    queries = tmp_path / "queries.csv"
+    test_df.iloc[:6].to_csv(queries, index=False)
+    out, plot = tmp_path / "r.json", tmp_path / "r.png"
+    assert load_script("ground").run(
+        ["--load_uni_model_path", str(setup["ckpt"]), "--index", str(index), "--video_feature", str(queries),
+         "--frozen_feature_path", str(setup["features"]), "--topk", "40", "--out", str(out),
+         "--plot", str(plot), "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    checked = 0
+    for row, (_, gt) in zip(rows, test_df.iloc[:6].iterrows()):
+        length = gt["music_end"] - gt["music_start"]
+        for t in row["tracks"]:
+            clip = clips.get(t["music_id"])
+            if clip is None:
+                assert t["canonical"] is None
+                continue
+            assert t["canonical"]["start"] == clip.start and t["canonical"]["uses"] == clip.uses
+            duration = setup["library"].durations[setup["library"].row_of(t["music_id"])]
+            assert t["canonical"]["end"] == pytest.approx(min(clip.start + length, duration))
+            checked += 1
+    assert checked > 0
+    assert len(list(tmp_path.glob("r_*.png"))) == 6
+    # An index built without history reports none.
+    assert all(t["canonical"] is None for row in ground_rows for t in row["tracks"])

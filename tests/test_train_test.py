@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -37,7 +39,9 @@ def _test_py(trained: dict, checkpoint: Path, *extra: str) -> str:
 
 
 def _assert_same_metrics(got: dict, expected: dict, where: str, miou_tol: float = 0.0) -> None:
-    assert list(got) == METRIC_KEYS, f"{where}: keys {list(got)}"
+    # The 23 flat keys first; after them only the prefixed breakdown keys ("seen/mIoU", ...).
+    assert list(got)[:len(METRIC_KEYS)] == METRIC_KEYS, f"{where}: keys {list(got)}"
+    assert all("/" in k for k in list(got)[len(METRIC_KEYS):]), f"{where}: keys {list(got)}"
     for key in METRIC_KEYS:
         tol = miou_tol if key == "mIoU" else 0.0
         assert got[key] == pytest.approx(expected[key], rel=0, abs=tol), f"{where}: {key} {got[key]} != {expected[key]}"
@@ -100,8 +104,9 @@ def test_test_best_reproduces_the_logged_validation(trained: dict) -> None:
 
 
 def test_single_checkpoint_metrics_and_predictions(trained: dict) -> None:
-    """One checkpoint: --metrics_json holds exactly METRIC_KEYS (= the logged epoch), and its
-    --save_json predictions give the same metrics through `python -m utils.evaluate`."""
+    """One checkpoint: --metrics_json holds METRIC_KEYS (= the logged epoch) and the breakdown by
+    track usage in the checkpoint's training CSV, and its --save_json predictions give the same
+    metrics through `python -m utils.evaluate`."""
     root, run = trained["root"], trained["run"]
     metrics_path = root / "last_metrics.json"
     _test_py(trained, run / LAST_NAME, "--metrics_json", metrics_path, "--save_json", "1",
@@ -112,6 +117,11 @@ def test_single_checkpoint_metrics_and_predictions(trained: dict) -> None:
     (pred_file,) = run.glob("*-val/uni_val_2_*.json")
     rows = json.loads(pred_file.read_text())
     assert len(rows) == 20
+    # Breakdown: seen = the videos whose track occurs in the run's training CSV.
+    train_tracks = set(pd.read_csv(trained["root"] / "train_data.csv", dtype=str)["music_id"])
+    seen = [r["iou"] for r in rows if r["music_id"] in train_tracks]
+    assert metrics["seen/n"] == len(seen) and metrics["seen/n"] + metrics["unseen/n"] == 20
+    assert metrics["seen/mIoU"] == pytest.approx(np.mean(seen), abs=1e-4)
     num_tracks = len({r["music_id"] for r in rows})
     for row in rows:
         assert len(row["ranked_music_ids"]) == num_tracks           # the full ranking (--save_json_ranking 0)

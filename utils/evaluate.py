@@ -2,6 +2,14 @@
 
     python -m utils.evaluate --gt_csv dataset/MGSV-EC/test_data.csv --pred_json preds.json [--metrics_json m.json]
     python -m utils.evaluate --gt_csv dataset/MGSV-EC/val_data.csv --baseline start0|center|random [--seed 0]
+    python -m utils.evaluate --gt_csv test_data.csv --baseline track_prior --prior_csv train_data.csv
+    python -m utils.evaluate --gt_csv test_data.csv --stats [--prior_csv train_data.csv]
+
+With --prior_csv (a split whose usage of each track counts as known, normally the training CSV) the metrics are
+also reported on the videos whose track is seen / unseen there and on the moments on / off their track's
+canonical start (utils/track_prior.py); --metrics_json then gets them as "seen/mIoU", "unseen/n", ... beside the
+23 flat keys. --stats prints how the split's moments are placed (and, with --prior_csv, how strongly its tracks
+keep their canonical clip) instead of evaluating anything.
 
 preds.json is a list with one object per video of the CSV:
     {"video_id": "112712471153",                  # str (an integer is accepted and converted)
@@ -34,8 +42,10 @@ import pandas as pd
 from utils.annotations import AnnotationError, load_annotations
 from utils.metrics import (MAX_M_DURATION, compute_all, format_table, metrics_from_ranks,
                            ranked_music_ids, ranks_from_ranked_lists, smg_ious)
+from utils.track_prior import (CanonicalClip, canonical_clips, dataset_stats, format_stats, subset_masks,
+                               subset_metrics, subset_table, track_prior_starts)
 
-BASELINES: tuple[str, ...] = ("start0", "center", "random")
+BASELINES: tuple[str, ...] = ("start0", "center", "random", "track_prior")
 PRED_KEYS: tuple[str, ...] = ("video_id", "ranked_music_ids", "pred_st", "pred_ed")
 MAX_LISTED = 5  # problems quoted in one error message before "... and N more"
 
@@ -203,18 +213,23 @@ def _random_rankings(candidates: list[str], n: int, rng: np.random.Generator, ch
 
 
 def baseline_predictions(gt_df: pd.DataFrame, kind: str, seed: int = 0,
-                         max_m_duration: float = MAX_M_DURATION) -> list[dict]:
+                         max_m_duration: float = MAX_M_DURATION,
+                         clips: Mapping[str, CanonicalClip] | None = None) -> list[dict]:
     """Prediction records of a trivial model, to print beside a real one.
 
-    Every kind ranks the candidates in a random order (seeded; identical for the three kinds). The moment has the
+    Every kind ranks the candidates in a random order (seeded; identical for all kinds). The moment has the
     video's length L = video_end - video_start (the GT moment length ~= L in MGSV-EC), placed:
       start0: [0, L]  (many GT moments start at 0 s, so this is a strong grounding baseline);
       center: centred in the track (track length T capped at max_m_duration);
-      random: uniform start in [0, max(T - L, 0)].
+      random: uniform start in [0, max(T - L, 0)];
+      track_prior: at the track's canonical start in `clips` (utils.track_prior.canonical_clips of a prior
+        split), at 0 for a track not in `clips`. It reads no feature: it only knows how the track is used.
     A moment longer than the track is left to the evaluator's clipping.
     """
     if kind not in BASELINES:
         raise ValueError(f"unknown baseline {kind!r}; choose one of {list(BASELINES)}")
+    if kind == "track_prior" and clips is None:
+        raise ValueError("the track_prior baseline needs the canonical clips of a prior split (--prior_csv)")
     rank_ss, moment_ss = np.random.SeedSequence(seed).spawn(2)
     rankings = _random_rankings(candidate_music_ids(gt_df), len(gt_df), np.random.default_rng(rank_ss))
     vlen = (gt_df["video_end"] - gt_df["video_start"]).to_numpy(dtype=np.float64)
@@ -224,6 +239,8 @@ def baseline_predictions(gt_df: pd.DataFrame, kind: str, seed: int = 0,
         st = np.zeros_like(vlen)
     elif kind == "center":
         st = slack / 2.0
+    elif kind == "track_prior":
+        st = track_prior_starts(gt_df["music_id"].astype(str).tolist(), clips)
     else:
         st = np.random.default_rng(moment_ss).uniform(0.0, 1.0, size=vlen.size) * slack
     return [{"video_id": str(v), "ranked_music_ids": r, "pred_st": float(s), "pred_ed": float(s + l)}
@@ -254,7 +271,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt_csv", required=True, help="annotation CSV of the split (e.g. dataset/MGSV-EC/test_data.csv)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pred_json", help="JSON list of {video_id, ranked_music_ids, pred_st, pred_ed}")
-    src.add_argument("--baseline", choices=BASELINES, help="evaluate a trivial baseline instead of predictions")
+    src.add_argument("--baseline", choices=BASELINES, help="evaluate a trivial baseline instead of predictions "
+                     "(track_prior needs --prior_csv)")
+    src.add_argument("--stats", action="store_true",
+                     help="print how the split's moments are placed (with --prior_csv: how they follow their "
+                          "tracks' canonical clips there) and exit")
+    p.add_argument("--prior_csv", help="split whose track usage counts as known (normally train_data.csv): "
+                   "canonical clips for --baseline track_prior, and the seen/unseen/canonical breakdown")
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline's random ranking/moment")
     p.add_argument("--metrics_json", help="also write the metrics (flat JSON object of METRIC_KEYS) here")
     p.add_argument("--max_m_duration", type=float, default=MAX_M_DURATION,
@@ -263,17 +286,36 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def breakdown(gt_df: pd.DataFrame, rank0: Any, ious: Any, clips: Mapping[str, CanonicalClip]) -> dict[str, float]:
+    """The prefixed subset metrics ("seen/mIoU", ...) of per-video ranks and IoUs in the CSV's row order."""
+    masks = subset_masks(gt_df["music_id"].astype(str).tolist(), gt_df["music_start"].to_numpy(), clips)
+    return subset_metrics(rank0, ious, masks)
+
+
 def run(args: argparse.Namespace) -> dict[str, float]:
     gt_df = load_annotations(args.gt_csv, max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows)
+    prior = None if args.prior_csv is None else load_annotations(
+        args.prior_csv, max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows)
+    if args.stats:
+        print(f"{args.gt_csv}" + (f" (prior split: {args.prior_csv})" if prior is not None else ""))
+        print(format_stats(dataset_stats(gt_df, prior)))
+        return {}
+    clips = None if prior is None else canonical_clips(prior)
     if args.baseline:
         name, source = f"baseline:{args.baseline}", f"baseline {args.baseline} (seed {args.seed})"
-        preds = baseline_predictions(gt_df, args.baseline, args.seed, args.max_m_duration)
+        preds = baseline_predictions(gt_df, args.baseline, args.seed, args.max_m_duration, clips)
     else:
         name, source = Path(args.pred_json).name, str(args.pred_json)
         preds = load_predictions_json(args.pred_json)
-    metrics = evaluate_predictions(gt_df, preds, args.max_m_duration, source)
+    rank0, ious = ranks_and_ious(gt_df, preds, args.max_m_duration, source)
+    metrics = metrics_from_ranks(rank0, ious)
     print(f"{source}: {len(gt_df)} videos of {args.gt_csv}, {len(candidate_music_ids(gt_df))} candidate tracks")
     print(format_table({name: metrics}))
+    if clips is not None:
+        extra = breakdown(gt_df, rank0, ious, clips)
+        print(f"\nby track usage in {args.prior_csv} (seen/unseen track; on/off its canonical start within 1 s):")
+        print(format_table(subset_table(extra)))
+        metrics = {**metrics, **extra}
     if args.metrics_json:
         from utils.io import atomic_write_json  # lazy: utils.io imports torch (~2 s), only needed to write
 
@@ -283,7 +325,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.baseline == "track_prior" and args.prior_csv is None:
+        parser.error("--baseline track_prior needs --prior_csv (the split whose track usage is known)")
     try:
         run(args)
     except (EvaluationError, AnnotationError, OSError) as exc:

@@ -30,6 +30,12 @@ exhaustive. The dual cosine is a good proxy because it is one of the two summed 
 X-Pool term pools the same snippet tokens; bench_grounding measures how often it keeps the
 exhaustive top-1/top-10.
 
+Usage history (optional). Built with a prior CSV (normally the training split), the index also
+stores each track's canonical clip there: the start most of its videos take, and how many
+videos use the track (utils/track_prior.py). Each returned track then carries that clip,
+trimmed to the query's length, beside the model's moment: where the model would cut, and where
+others cut this track. Tracks without history carry none.
+
 Track durations (for clipping and plots) come from the CSV's music_total_duration when given;
 otherwise from the mask: number of valid snippets x stride (an estimate: a window centre every
 `stride` seconds is valid while centre <= duration, so it can be off by up to one stride).
@@ -46,6 +52,7 @@ so a crash never leaves a folder that looks like an index):
     tokens.bin           [T, d]   snippet tokens of the valid snippets only (detector input)
     blocks.npy, block_rows.npy, block_consts.npy, xpool_keys.bin, xpool_gram.bin
                          model.index_music's X-Pool blocks (see "Storage of model.index_music")
+    usage.json           (optional) {music_id: {"start", "uses", "support"}}: canonical clips
 
 dtype float32 (default) gives test.py's numbers; float16 halves the size (scores move by ~1e-3).
 Size per track (d = 256, n valid snippets of 96): tokens 256n + keys 257n + Gram n(3n+7) values,
@@ -78,6 +85,7 @@ from utils.metrics import clip_moments, moment_iou
 
 INDEX_FORMAT = "mgsv-music-index/1"
 MANIFEST = "manifest.json"
+USAGE = "usage.json"
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Measured with scripts/bench_grounding.py (1 CPU thread, float16 index): one exhaustive query costs
 # ~0.05 ms of CPU per track (20k: ~1 s, 100k: ~5 s); a K=1000 shortlist ~0.15-0.25 s at any size and
@@ -540,7 +548,7 @@ def _write_xpool(gm: GroundingModel, staging: Path, store: _TrackStore, dtype: n
 def write_index(gm: GroundingModel, music_ids: Sequence[str],
                 chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], out: str | os.PathLike,
                 durations: dict[str, float] | None = None, dtype: str = "float32", overwrite: bool = False,
-                extra: dict | None = None) -> Path:
+                extra: dict | None = None, usage: dict | None = None) -> Path:
     """Write an index folder from chunks of (m, Sm, mask) in `music_ids` order.
 
     Shared by build_index (AST features from disk) and the benchmark (synthetic MaDe-space
@@ -568,6 +576,9 @@ def write_index(gm: GroundingModel, music_ids: Sequence[str],
         dur[from_mask] = (store.mask[from_mask] > 0).sum(1) * gm.stride
         atomic_save_npy(dur, staging / "durations.npy")
         atomic_write_json(ids, staging / "music_ids.json", indent=None)
+        if usage is not None:
+            atomic_write_json({m: dataclasses.asdict(c) for m, c in usage.items() if m in set(ids)},
+                              staging / USAGE, indent=None)
         manifest = {
             "format": INDEX_FORMAT, "num_tracks": len(ids), "dtype": dtype,
             "checkpoint": str(Path(gm.checkpoint).resolve()), "fingerprint": gm.fingerprint,
@@ -589,10 +600,14 @@ def write_index(gm: GroundingModel, music_ids: Sequence[str],
 def build_index(gm: GroundingModel, music_ids: str | os.PathLike | Sequence[str],
                 feature_root: str | os.PathLike, out: str | os.PathLike, batch_size: int = 64,
                 dtype: str = "float32", overwrite: bool = False, use_packed: bool = True,
-                progress: bool = False) -> Path:
-    """Encode a music library (AST features under `feature_root`) into an index folder."""
+                progress: bool = False, prior_csv: str | os.PathLike | None = None) -> Path:
+    """Encode a music library (AST features under `feature_root`) into an index folder.
+
+    prior_csv: an annotation CSV (normally the training split) whose canonical clip per track
+    is stored with the index (see "Usage history" above)."""
     from utils.features import FeatureError, FeatureStore
     ids, durations = read_music_ids(music_ids)
+    usage = None if prior_csv is None else read_usage(prior_csv, gm.max_m_duration)
     try:
         store = FeatureStore(feature_root, stride=gm.stride, max_m_duration=gm.max_m_duration,
                              num_frames=gm.num_frames, use_packed=use_packed)
@@ -614,7 +629,19 @@ def build_index(gm: GroundingModel, music_ids: str | os.PathLike | Sequence[str]
 
     extra = {"feature_root": str(Path(feature_root).resolve()),
              "music_ids_source": str(music_ids) if isinstance(music_ids, (str, os.PathLike)) else "list"}
-    return write_index(gm, ids, chunks(), out, durations, dtype, overwrite, extra)
+    if usage is not None:
+        extra.update(usage_source=str(Path(prior_csv).resolve()), tracks_with_usage=sum(m in usage for m in ids))
+    return write_index(gm, ids, chunks(), out, durations, dtype, overwrite, extra, usage)
+
+
+def read_usage(prior_csv: str | os.PathLike, max_m_duration: float = 240.0) -> dict:
+    """{music_id: CanonicalClip} of an annotation CSV; a bad CSV is a GroundingError naming it."""
+    from utils.annotations import AnnotationError, load_annotations
+    from utils.track_prior import canonical_clips
+    try:
+        return canonical_clips(load_annotations(prior_csv, max_m_duration))
+    except AnnotationError as e:
+        raise GroundingError(f"--prior_csv: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,6 +662,7 @@ class MusicLibrary:
     block_consts: np.ndarray         # [N, 10] in block order
     keys: np.ndarray                 # [C, d+1] IndexBlock.keys transposed, block after block
     gram: np.ndarray                 # [G] IndexBlock.gram flattened, block after block
+    usage: dict[str, dict] = field(default_factory=dict)   # music_id -> {"start", "uses", "support"}
     _row_of: dict[str, int] | None = None
     _music_emb: torch.Tensor | None = None
     _position: np.ndarray | None = None      # block-order position of each library row
@@ -700,12 +728,25 @@ def open_index(path: str | os.PathLike, gm: GroundingModel | None = None) -> Mus
             blocks=np.load(path / "blocks.npy") if has_blocks else np.zeros((0, 5), np.int64),
             block_rows=np.load(path / "block_rows.npy") if has_blocks else np.arange(n),
             block_consts=load("block_consts.npy") if has_blocks else np.zeros((n, 10), np.float32),
-            keys=_open_raw(path, arrays["keys"]), gram=_open_raw(path, arrays["gram"]))
+            keys=_open_raw(path, arrays["keys"]), gram=_open_raw(path, arrays["gram"]),
+            usage=_read_usage_file(path / USAGE))
     except (OSError, ValueError, KeyError) as e:
         raise GroundingError(f"{path}: incomplete or corrupt index ({type(e).__name__}: {e}); rebuild it") from None
     if len(ids) != n or library.durations.shape != (n,) or tracks.m.shape[0] != n or len(library.block_rows) != n:
         raise GroundingError(f"{path}: arrays disagree with the {n} tracks of the manifest; rebuild it")
     return library
+
+
+def _read_usage_file(path: Path) -> dict[str, dict]:
+    """usage.json of an index ({} when the index was built without a prior CSV)."""
+    if not path.is_file():
+        return {}
+    usage = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(usage, dict) or not all(
+            isinstance(u, dict) and isinstance(u.get("start"), (int, float)) and isinstance(u.get("uses"), int)
+            for u in usage.values()):
+        raise ValueError(f"{path.name} is not a {{music_id: {{start, uses, support}}}} object")
+    return usage
 
 
 def check_index_matches(manifest: dict, gm: GroundingModel, path: Path | str = "<index>") -> None:
@@ -901,6 +942,9 @@ class TrackHit:
     end: float
     confidence: float
     duration: float
+    canonical_start: float | None = None   # the track's canonical clip in the index's usage history,
+    canonical_end: float | None = None     # trimmed to the query's length; None without history
+    uses: int = 0                          # videos of the usage history that use this track
 
 
 @dataclass
@@ -927,7 +971,9 @@ class QueryResult:
 
     def to_json(self) -> dict:
         out = {"video_id": self.video_id, "mode": self.mode,
-               "tracks": [{k: getattr(t, k) for k in ("music_id", "score", "start", "end", "confidence")}
+               "tracks": [{**{k: getattr(t, k) for k in ("music_id", "score", "start", "end", "confidence")},
+                           "canonical": None if t.canonical_start is None else
+                           {"start": t.canonical_start, "end": t.canonical_end, "uses": t.uses}}
                           for t in self.tracks]}
         if self.gt is not None:
             out["ground_truth"] = dataclasses.asdict(self.gt)
@@ -986,14 +1032,22 @@ def _ground_batch(gm: GroundingModel, library: MusicLibrary, feats: torch.Tensor
     gt_rows = [library.row_of(g) if g is not None else None for g in gt_ids]
     pair_query, pair_row, slot = _detection_pairs(top_rows, gt_rows)
     se, conf = detect_pairs(gm, library, Fv, masks, v, pair_query, pair_row)
+    # The query's length, for trimming canonical clips: the GT moment's when known, else from its
+    # 1-fps frames (n frames at whole seconds 0..floor(L): L in [n-1, n), the middle taken).
+    lengths = [(m[1] - m[0]) if m is not None else float(masks[i].sum()) - 0.5 for i, m in enumerate(gt_moments)]
     results = []
     for i in range(top_rows.shape[0]):
         hits = []
         for j, row in enumerate(top_rows[i]):
             p = slot[i, row]
-            hits.append(TrackHit(rank=j + 1, music_id=library.music_ids[row], score=float(top_scores[i, j]),
+            music_id, duration = library.music_ids[row], float(library.durations[row])
+            used = library.usage.get(music_id)
+            c_start = None if used is None else float(used["start"])
+            hits.append(TrackHit(rank=j + 1, music_id=music_id, score=float(top_scores[i, j]),
                                  start=float(se[p, 0]), end=float(se[p, 1]), confidence=float(conf[p]),
-                                 duration=float(library.durations[row])))
+                                 duration=duration, canonical_start=c_start,
+                                 canonical_end=None if used is None else min(c_start + lengths[i], duration),
+                                 uses=0 if used is None else int(used["uses"])))
         result = QueryResult(video_ids[i], hits, mode)
         if gt_ids[i] is not None:
             pred = (se[slot[i, gt_rows[i]]], float(conf[slot[i, gt_rows[i]]])) if gt_rows[i] is not None else None
@@ -1047,12 +1101,15 @@ def format_results(results: Sequence[QueryResult]) -> str:
     lines = []
     for r in results:
         lines.append(f"video {r.video_id}  [{r.mode}]")
-        lines.append(f"  {'rank':>4}  {'music_id':<24} {'score':>8} {'start':>8} {'end':>8} {'conf':>6} {'track':>7}")
+        lines.append(f"  {'rank':>4}  {'music_id':<24} {'score':>8} {'start':>8} {'end':>8} {'conf':>6} {'track':>7}"
+                     f"  {'canonical clip (uses)':>22}")
         for t in r.tracks:
             mark = "  past the track end" if t.start > t.end else ""
             mark += "  <- ground truth" if r.gt is not None and t.music_id == r.gt.music_id else ""
+            canon = "-" if t.canonical_start is None else \
+                f"{t.canonical_start:.2f}-{t.canonical_end:.2f}s ({t.uses})"
             lines.append(f"  {t.rank:>4}  {t.music_id:<24} {t.score:>8.4f} {t.start:>7.2f}s {t.end:>7.2f}s "
-                         f"{t.confidence:>6.3f} {t.duration:>6.1f}s{mark}")
+                         f"{t.confidence:>6.3f} {t.duration:>6.1f}s  {canon:>22}{mark}")
         g = r.gt
         if g is not None:
             if not g.in_library:
@@ -1090,7 +1147,11 @@ def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: fl
     for y, t in enumerate(tracks):
         is_gt = gt is not None and t.music_id == gt.music_id
         _draw_track(ax, y, t.duration, t.start, t.end, gt if is_gt else None, max_m_duration)
-        ax.text(label_x, y, f"score {t.score:.3f}  conf {t.confidence:.2f}", va="center", fontsize=8)
+        if t.canonical_start is not None:   # where others cut this track: an outline over the track
+            ax.barh(y, t.canonical_end - t.canonical_start, left=t.canonical_start, height=0.72, color="none",
+                    edgecolor="#2ca02c", linewidth=1.4, linestyle="--")
+        uses = f"  {t.uses} uses" if t.canonical_start is not None else ""
+        ax.text(label_x, y, f"score {t.score:.3f}  conf {t.confidence:.2f}{uses}", va="center", fontsize=8)
         labels.append(f"#{t.rank} {t.music_id}" + ("  (GT)" if is_gt else ""))
     if show_gt_row:  # the GT track is outside the top-k: drawn below them, for comparison
         y = len(tracks)
@@ -1109,6 +1170,8 @@ def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: fl
                Patch(facecolor="#1f77b4", alpha=0.8, label="predicted moment")]
     if gt is not None and gt.start is not None:
         handles.append(Patch(facecolor="none", edgecolor="#d62728", hatch="///", label="ground-truth moment"))
+    if any(t.canonical_start is not None for t in tracks):
+        handles.append(Patch(facecolor="none", edgecolor="#2ca02c", linestyle="--", label="canonical clip"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1 + 0.3 * n_rows)),
               ncol=len(handles), fontsize=8, frameon=False)
     for side in ("top", "right"):

@@ -401,6 +401,7 @@ def _fmt(key: str, value: Any) -> str:
         v = float(value)
     except (TypeError, ValueError):
         return str(value)
+    key = key.rsplit("/", 1)[-1]  # "seen/mIoU": a subset's metric formats as the metric
     if key in _FRACTION_KEYS or key.endswith("_miou") or key.endswith("_miou_orig"):
         return f"{v:.4f}"
     return f"{v:.2f}"

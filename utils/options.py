@@ -31,7 +31,7 @@ MODEL_KEYS = (
     "predict_center", "l1_loss", "aux_loss", "contrastive_align_loss", "moment_loss", "audio_short_cut",
     "contrastive_dim", "position_embedding", "ret_loss_weight", "loc_loss_weight", "max_m_duration", "stride",
     "temporal_dropout", "residual_from_input", "separate_positions", "decoder_SA_fix", "mask_same_music",
-    "train_query_pos",
+    "train_query_pos", "moment_head",
 )
 
 
@@ -171,6 +171,10 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
     g = p.add_argument_group("moment detection")
     g.add_argument("--mml_fusion", default="concat", choices=["CA", "concat", "add"])
     g.add_argument("--mml_localization", default="detr", choices=["detr", "regression"])
+    g.add_argument("--moment_head", default="detr", choices=["detr", "boundary"],
+                   help="moment detector: the paper's DETR, or 'boundary' (not in the paper): start logits over "
+                        "the music snippets from frame-snippet alignment + the music alone, trained with "
+                        "cross-entropy; end = start + video length (model/boundary_head.py)")
     g.add_argument("--hidden_dim", type=positive_int, default=256, help="(overwritten by --dim_input)")
     g.add_argument("--moment_query_type", default="video", choices=["video", "xpool", "music", "random", "zero"])
     g.add_argument("--span_loss_type", default="l1", choices=["l1", "ce"])
@@ -263,6 +267,10 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
         g = p.add_argument_group("test")
         g.add_argument("--test_best", type=flag01, default=1,
                        help="evaluate the best checkpoints found in --load_uni_model_path")
+        g.add_argument("--prior_csv", default="",
+                       help="split whose track usage counts as known, for the seen/unseen/canonical breakdown "
+                            "(utils/track_prior.py); empty = the checkpoint's --train_csv when that file exists; "
+                            "'none' = no breakdown")
         g.add_argument("--save_json_ranking", type=nonneg_int, default=100,
                        help="tracks in each video's ranked_music_ids in the --save_json file (0 = all: what "
                             "`python -m utils.evaluate` needs to reproduce MedianR/MeanR/MRR exactly)")

@@ -1,0 +1,121 @@
+"""Boundary head (--moment_head boundary): the moment's start as a distribution over the music snippets.
+
+Not in the paper; opt-in. The paper's detector is a one-query DETR that regresses (centre, width)
+and needs many GPU epochs to read the music. Two facts make a simpler head possible:
+  * the moment lasts as long as the video (|moment - video length| < 0.05 s in 98.7 % of the
+    real MGSV-EC rows), so only the start is unknown;
+  * the start is a position on the snippet grid (a window every `stride` seconds), so it can be
+    classified instead of regressed: a softmax over the snippets, trained with cross-entropy.
+
+The start logit of snippet k adds two terms, each of which a reader can check on its own:
+
+    alignment(k) = scale * mean_i cos(Wv f_i, Wm s_a(k,i))   frame i (video second i) against the
+                                                             snippet at music time stride*k + i:
+                                                             does the video fit the music from k on?
+    music(k)     = conv(s_k-2 .. s_k+2)                      what the music alone says: does a clip
+                                                             start here (a hook, a usual cut)?
+
+f_i are the video encoder's frame tokens and s_k the music encoder's snippet tokens (the same
+tokens the retrieval branch uses, so both branches train the encoders). The alignment term is
+what works on tracks never seen in training; the music term learns where tracks tend to be cut.
+
+Decoding: the best snippet, refined by the probability-weighted mean over it and its two
+neighbours (the targets are two-hot between the grid points around the true start, so this
+recovers starts between grid points); end = start + video length. The output has the DETR
+detector's contract (pred_spans as normalised (centre, width), pred_logits whose foreground
+probability is the best snippet's probability), so evaluation, grounding and checkpoints work
+with either head; it adds start_logits [B, Lm] for the loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BoundaryHead(nn.Module):
+    def __init__(self, d_model: int, stride: float, max_m_duration: float, proj_dim: int = 128,
+                 foreground: int = 0):
+        super().__init__()
+        self.stride = float(stride)
+        self.max_m_duration = float(max_m_duration)
+        self.foreground = foreground
+        self.video_proj = nn.Linear(d_model, proj_dim)
+        self.music_proj = nn.Linear(d_model, proj_dim)
+        # Cosines are in [-1, 1]: a learnt scale (log-parametrised, starting at 10) makes them logits.
+        self.log_scale = nn.Parameter(torch.tensor(2.302585))
+        self.music_prior = nn.Sequential(nn.Conv1d(d_model, 64, kernel_size=5, padding=2), nn.GELU(),
+                                         nn.Conv1d(64, 1, kernel_size=1))
+
+    def aligned_snippets(self, num_frames: int, num_snippets: int, device: torch.device) -> Tensor:
+        """a(k, i) [Lm, Lv]: the snippet whose window centre is nearest to music time stride*k + i + 0.5
+        (frame i covers video second [i, i+1)); clamped to the last snippet."""
+        k = torch.arange(num_snippets, device=device, dtype=torch.float64)[:, None]
+        i = torch.arange(num_frames, device=device, dtype=torch.float64)[None, :]
+        return torch.round((k * self.stride + i + 0.5) / self.stride).long().clamp(max=num_snippets - 1)
+
+    def start_logits(self, Fv: Tensor, frame_mask: Tensor, Sm: Tensor, music_mask: Tensor) -> Tensor:
+        """[B, Lm] logits of the start snippet; padded snippets get a large negative logit."""
+        fv = F.normalize(self.video_proj(Fv), dim=-1)                       # [B, Lv, p]
+        sm = F.normalize(self.music_proj(Sm), dim=-1)                       # [B, Lm, p]
+        sim = fv @ sm.transpose(1, 2)                                       # [B, Lv, Lm]
+        b, lv, lm = sim.shape
+        at = self.aligned_snippets(lv, lm, sim.device)                      # [Lm, Lv]
+        # sim[b, i, at[k, i]] for every (k, i): one gather along the snippet axis.
+        per_frame = sim.gather(2, at.T[None].expand(b, -1, -1))             # [B, Lv, Lm]
+        # ... counting only the frames whose aligned snippet is still inside the track.
+        inside = music_mask.to(sim.dtype).gather(1, at.reshape(1, -1).expand(b, -1)).view(b, lm, lv)
+        weight = frame_mask.to(sim.dtype)[:, None, :] * inside                # [B, Lm, Lv]
+        alignment = (per_frame.transpose(1, 2) * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+        music = self.music_prior(Sm.transpose(1, 2))[:, 0]                    # [B, Lm]
+        logits = self.log_scale.exp() * alignment + music
+        return logits.masked_fill(music_mask == 0, -1e4)
+
+    def decode(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(start seconds [B], probability of the best snippet [B]) from start logits [B, Lm]."""
+        prob = logits.float().softmax(-1)
+        best_p, best = prob.max(-1)
+        idx = best[:, None] + torch.arange(-1, 2, device=prob.device)[None]    # the best and its neighbours
+        inside = (idx >= 0) & (idx < prob.shape[1])
+        near = prob.gather(1, idx.clamp(0, prob.shape[1] - 1)) * inside
+        start = (near * idx).sum(-1) / near.sum(-1) * self.stride
+        return start, best_p
+
+    def forward(self, Fv: Tensor, frame_mask: Tensor, Sm: Tensor, music_mask: Tensor, v_duration: Tensor) -> dict:
+        logits = self.start_logits(Fv, frame_mask, Sm, music_mask)
+        start, confidence = self.decode(logits.detach())
+        width = v_duration.to(start.dtype) / self.max_m_duration
+        center = start / self.max_m_duration + width / 2
+        spans = torch.stack([center, width], dim=-1)[:, None, :]              # [B, 1, 2]
+        p = confidence.clamp(1e-6, 1 - 1e-6)
+        fg_bg = [p.log(), (1 - p).log()] if self.foreground == 0 else [(1 - p).log(), p.log()]
+        return {"pred_logits": torch.stack(fg_bg, dim=-1)[:, None, :], "pred_spans": spans,
+                "start_logits": logits, "aux_outputs": []}
+
+
+def start_targets(start_seconds: Tensor, stride: float, num_snippets: int) -> Tensor:
+    """Two-hot targets [B, Lm]: the start split between the grid points around it, by proximity."""
+    pos = (start_seconds.float() / stride).clamp(0, num_snippets - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=num_snippets - 1)
+    w_hi = pos - lo.float()
+    target = torch.zeros(start_seconds.shape[0], num_snippets, device=start_seconds.device)
+    target.scatter_add_(1, lo[:, None], (1 - w_hi)[:, None])
+    target.scatter_add_(1, hi[:, None], w_hi[:, None])
+    return target
+
+
+class BoundaryCriterion(nn.Module):
+    """Cross-entropy of the start logits against two-hot targets from the ground-truth span."""
+
+    def __init__(self, stride: float, max_m_duration: float):
+        super().__init__()
+        self.stride, self.max_m_duration = float(stride), float(max_m_duration)
+
+    def forward(self, detection: dict, targets: Tensor | list[Tensor]) -> dict:
+        logits = detection["start_logits"]
+        span = torch.stack([t[0] for t in targets]).to(logits.device).float()   # normalised (centre, width)
+        start = (span[:, 0] - span[:, 1] / 2) * self.max_m_duration
+        target = start_targets(start, self.stride, logits.shape[1])
+        loss = -(target * logits.float().log_softmax(-1)).sum(-1).mean()
+        return {"loss_start": loss, "localization_loss": loss}
