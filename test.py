@@ -61,18 +61,22 @@ def prediction_rows(collected, details: dict, ranking: int) -> list[dict]:
     return rows
 
 
-def usage_prior(args, state: dict, log) -> tuple[str | None, dict | None]:
-    """(prior CSV, canonical clips) for the breakdown: --prior_csv, else the checkpoint's --train_csv
+def usage_prior(args, state: dict, log):
+    """(prior CSV, its annotations) for the breakdown: --prior_csv, else the checkpoint's --train_csv
     when that file exists here; (None, None) when there is none or --prior_csv none."""
     from utils.annotations import load_annotations
-    from utils.track_prior import canonical_clips
     if args.prior_csv.lower() == "none":
         return None, None
     path = args.prior_csv or (state.get("config") or {}).get("train_csv") or ""
     if not args.prior_csv and not Path(path).is_file():
         log.info("no training CSV known for this checkpoint: seen/unseen breakdown skipped (pass --prior_csv)")
         return None, None
-    return path, canonical_clips(load_annotations(path, args.max_m_duration, args.skip_bad_rows))
+    return path, load_annotations(path, args.max_m_duration, args.skip_bad_rows)
+
+
+def with_prior_name(target: Path) -> Path:
+    """metrics.json -> metrics_with_prior.json: the boundary head decoded with the usage prior."""
+    return target.with_name(f"{target.stem}_with_prior{target.suffix or '.json'}")
 
 
 def split_name(csv_path: str) -> str:
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from model.made import build_criterion, build_model
     from utils.annotations import load_annotations
     from utils.dataset import build_dataset
-    from utils.track_prior import subset_masks, subset_metrics, subset_table
+    from utils.engine import ious_with_usage_prior
+    from utils.metrics import metrics_from_ranks
+    from utils.track_prior import canonical_clips, subset_masks, subset_metrics, subset_table, track_starts
 
     args = parse_args(argv, mode="test")
     device = resolve_device(args.device)
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info(f"{args.test_csv}: {len(dataset)} videos (stride {args.stride}); device {device}")
         return loader
 
-    results = {}
+    results, results_prior = {}, {}
     for path in paths:
         state = load_checkpoint(path)
         changed = adopt_checkpoint_config(args, state)
@@ -129,13 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         metrics, collected, details = evaluate(model, criterion, loader_for(args), device, args,
                                                show_progress=dist_info.is_main)
         log.info(f"{path} (epoch {state.get('epoch')}):\n" + format_table({path.name: metrics}))
-        prior_csv, clips = usage_prior(args, state, log)
-        if clips is not None:
-            masks = subset_masks(collected.music_ids, collected.gt_se[:, 0], clips)
+        prior_csv, prior = usage_prior(args, state, log)
+        if prior is not None:
+            masks = subset_masks(collected.music_ids, collected.gt_se[:, 0], canonical_clips(prior))
             breakdown = subset_metrics(details["rank0"], details["ious"], masks)
             log.info(f"by track usage in {prior_csv} (seen/unseen track; on/off its canonical start "
                      f"within 1 s):\n" + format_table(subset_table(breakdown)))
             metrics = {**metrics, **breakdown}
+            if collected.start_logits is not None:  # boundary head: also decoded with each track's history
+                ious = ious_with_usage_prior(model, collected, track_starts(prior), args)
+                combined = {**metrics_from_ranks(details["rank0"], ious),
+                            **subset_metrics(details["rank0"], ious, masks)}
+                results_prior[path.name] = combined
+                log.info(f"boundary head decoded with the usage prior of {prior_csv} (its own row; retrieval "
+                         f"unchanged):\n" + format_table({f"{path.name}+prior": combined}, columns=METRIC_KEYS)
+                         + "\n" + format_table(subset_table(combined)))
         results[path.name] = metrics
         if args.save_json and dist_info.is_main:
             out = log_dir / (f"uni_{split_name(args.test_csv)}_{state.get('epoch')}_"
@@ -151,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{target.stem}_{path.name.split('.')[-1]}{target.suffix or '.json'}")
             atomic_write_json(results[path.name], out)
             log.info(f"metrics written to {out}")
+            if path.name in results_prior:
+                atomic_write_json(results_prior[path.name], with_prior_name(out))
+                log.info(f"metrics with the usage prior written to {with_prior_name(out)}")
     if len(results) > 1:
         log.info("summary:\n" + format_table({k: {m: v[m] for m in METRIC_KEYS} for k, v in results.items()}))
     D.cleanup()

@@ -203,6 +203,7 @@ class Collected:
     snippet_tokens: torch.Tensor          # [Nm, Lm, d]
     music_mask: torch.Tensor              # [Nm, Lm]
     losses: dict[str, float]
+    start_logits: np.ndarray | None = None   # [Nv, Lm] float32, boundary head only (decoding with a prior)
 
 
 @torch.no_grad()
@@ -216,7 +217,7 @@ def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: I
     means = RunningMeans()
     video_ids, music_ids, v_list, pred, score, gt, dur = [], [], [], [], [], [], []
     seen: dict[str, int] = {}
-    m_list, s_list, mask_list = [], [], []
+    m_list, s_list, mask_list, start_list = [], [], [], []
     for batch in tqdm(loader, desc="eval", disable=not show_progress, leave=False, dynamic_ncols=True):
         batch = to_device(batch, device)
         with autocast_context(device, args.amp):
@@ -230,6 +231,8 @@ def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: I
         v_list.append(outputs["video_emb"].float())
         pred.append(spans_to_seconds(span, args.max_m_duration))
         score.append(prob)
+        if "start_logits" in outputs["detection"]:
+            start_list.append(outputs["detection"]["start_logits"].float())
         gt.append(batch["gt_moment"][:, 0].float())
         d = batch["m_duration"]
         dur.append(d.float() if torch.is_tensor(d) else torch.as_tensor(d, dtype=torch.float32))
@@ -244,13 +247,13 @@ def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: I
             m_list.append(outputs["music_emb"].float()[idx])
             s_list.append(outputs["snippet_tokens"].float()[idx])
             mask_list.append(batch["music_mask"][idx])
-    per_video = [torch.cat(xs) for xs in (v_list, pred, score, gt, dur)]
+    per_video = [torch.cat(xs) for xs in (v_list, pred, score, gt, dur)] + ([torch.cat(start_list)] if start_list else [])
     unique_ids = list(seen)
     music = [torch.cat(xs) for xs in (m_list, s_list, mask_list)]
     if D.is_dist():
         video_ids, music_ids, per_video, unique_ids, music = _gather_collected(
             loader, video_ids, music_ids, per_video, unique_ids, music)
-    video_emb, pred_t, score_t, gt_t, dur_t = per_video
+    video_emb, pred_t, score_t, gt_t, dur_t, *starts = per_video
     cpu = lambda x: x.cpu().double().numpy()
     return Collected(
         video_ids=video_ids, music_ids=music_ids,
@@ -259,6 +262,7 @@ def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: I
         unique_music_ids=unique_ids,
         music_emb=music[0], snippet_tokens=music[1], music_mask=music[2],
         losses=means.means(),
+        start_logits=starts[0].cpu().numpy() if starts else None,
     )
 
 
@@ -310,6 +314,24 @@ def evaluate_collected(model: torch.nn.Module, c: Collected, args: Any) -> tuple
     metrics = M.metrics_from_ranks(rank0, ious)
     details = {"scores": scores_np, "rank0": rank0, "ious": ious, "pred_se_clipped": clipped}
     return metrics, details
+
+
+def ious_with_usage_prior(model: torch.nn.Module, c: Collected, track_starts: dict, args: Any) -> np.ndarray:
+    """SmG IoUs of the boundary head decoded together with each track's usage history
+    (model/boundary_head.usage_log_prior): the head alone for a track the history lacks."""
+    from model.boundary_head import usage_log_prior
+    from utils.checkpoint import unwrap
+    head = unwrap(model).boundary_head
+    logits = torch.from_numpy(c.start_logits)
+    cache: dict[str, torch.Tensor] = {}
+    for m in c.music_ids:
+        if m not in cache:
+            cache[m] = usage_log_prior(track_starts.get(m, ()), head.stride, logits.shape[1])
+    start, _ = head.decode(logits, torch.stack([cache[m] for m in c.music_ids]))
+    start = start.double().numpy()
+    length = c.pred_se[:, 1] - c.pred_se[:, 0]                 # the video's length, as the head predicts it
+    pred = np.stack([start, start + length], axis=1)
+    return M.moment_iou(M.clip_moments(pred, c.m_duration, args.max_m_duration), c.gt_se)
 
 
 def per_video_predictions(c: Collected, details: dict, topk: int = 10) -> list[dict]:

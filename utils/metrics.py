@@ -401,7 +401,8 @@ def _fmt(key: str, value: Any) -> str:
         v = float(value)
     except (TypeError, ValueError):
         return str(value)
-    key = key.rsplit("/", 1)[-1]  # "seen/mIoU": a subset's metric formats as the metric
+    # "seen/mIoU" or "mIoU seen (150)": a subset's metric formats as the metric itself.
+    key = key.rsplit("/", 1)[-1].split(" ", 1)[0]
     if key in _FRACTION_KEYS or key.endswith("_miou") or key.endswith("_miou_orig"):
         return f"{v:.4f}"
     return f"{v:.2f}"

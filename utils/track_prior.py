@@ -70,6 +70,11 @@ def _count_within(sorted_starts: np.ndarray, tolerance: float) -> np.ndarray:
     return np.searchsorted(s, s + tolerance, side="right") - np.searchsorted(s, s - tolerance, side="left")
 
 
+def track_starts(prior: pd.DataFrame) -> dict[str, np.ndarray]:
+    """{music_id: every start (s) of the track in the prior split}: its whole usage history."""
+    return {str(m): g.to_numpy(dtype=np.float64) for m, g in prior.groupby(prior["music_id"].astype(str))["music_start"]}
+
+
 def canonical_starts(music_ids: Sequence[str], clips: Mapping[str, CanonicalClip]) -> np.ndarray:
     """Canonical start per video (NaN where the track is unseen in the prior split)."""
     return np.array([clips[m].start if m in clips else np.nan for m in map(str, music_ids)], dtype=np.float64)
