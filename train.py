@@ -123,7 +123,7 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
     from utils import distributed as D
     from utils.checkpoint import BEST_NAMES, LAST_NAME, load_model_weights, save_checkpoint, unwrap
     from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
-    from utils.io import atomic_write_json
+    from utils.io import WriteError, atomic_write_json
     from utils.logger import Scalars
     from utils.metrics import format_table
     from utils.runtime import (build_loaders, build_training, capture_rng, describe_run, resolve_device,
@@ -240,7 +240,8 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
                 log.info("last validation:\n" + format_table({"val": history[-1]["val"]}))
             if args.save_model:
                 write_state(True, history[-1]["epoch"] if history else start_epoch - 1)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, WriteError) as e:
+        # WriteError: a checkpoint or state write failed part-way (disk full); atomic writes kept the old files.
         saved = (f"The checkpoints in {run_dir} are those of epoch {last_saved} and were not overwritten"
                  if last_saved > 0 and args.save_model else "No checkpoint was written")
         log.error(f"{e}\nTraining stopped. {saved}.")

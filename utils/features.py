@@ -41,7 +41,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.io import atomic_open, atomic_save_npy, atomic_write_json
+from utils.io import (UnsafeFileError, atomic_open, atomic_save_npy, atomic_write_json, describe_load_failure,
+                      torch_load_plain)
 
 VIDEO_DIR = "vit_feature1"
 MUSIC_DIRS: dict[float, str] = {2.5: "ast_feature2p5", 5.0: "ast_feature5",
@@ -111,12 +112,14 @@ def music_modality(root: str | os.PathLike, stride: float = 2.5,
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_plain(path)
     except FileNotFoundError:
         raise FeatureError(f"{path}: file not found. {_README_HINT}") from None
-    except Exception as exc:  # truncated zip, not a torch file, pickle error, ...
+    except UnsafeFileError as exc:
+        raise FeatureError(f"{exc}. A feature file holds two tensors' worth of data only: re-extract it.") from None
+    except Exception as exc:  # truncated zip, not a torch file, ...
         raise FeatureError(
-            f"{path}: cannot be read as a torch tensor ({type(exc).__name__}: {exc}). The file is "
+            f"{path}: cannot be read as a torch tensor ({describe_load_failure(exc)}). The file is "
             "truncated or corrupt: re-extract it or unzip MGSV_feature.zip again.") from None
 
 
@@ -264,8 +267,12 @@ class PackedSource:
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._feats is None or self._masks is None:
             files = self.manifest["files"]
-            self._feats = np.load(self.directory / files["feats"], mmap_mode="r")
-            self._masks = np.load(self.directory / files["masks"], mmap_mode="r")
+            try:  # np.load never unpickles (allow_pickle=False): an object array is refused here
+                self._feats = np.load(self.directory / files["feats"], mmap_mode="r")
+                self._masks = np.load(self.directory / files["masks"], mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise FeatureError(f"packed store {self.directory}: cannot read its arrays ({e}); rebuild it "
+                                   f"with {rebuild_command(self.modality)}.") from None
         return self._feats, self._masks
 
     def __getstate__(self) -> dict[str, Any]:
@@ -413,6 +420,10 @@ def pack_modality(modality: Modality, fp16: bool = False, progress: bool = True)
                 "source": fingerprint}
     atomic_write_json(manifest, out / "manifest.json")
     return manifest
+
+
+def rebuild_command(modality: Modality) -> str:
+    return f"`python scripts/pack_features.py --frozen_feature_path {modality.base.parent} --force`"
 
 
 def open_packed(modality: Modality, warn: bool = True) -> PackedSource | None:

@@ -73,7 +73,7 @@ import torch
 from utils.checkpoint import (adopt_checkpoint_config, jsonable_config, load_checkpoint,
                               load_model_weights, unwrap)
 from utils.engine import foreground_index, spans_to_seconds, top_moment
-from utils.io import atomic_open, atomic_save_npy, atomic_write_json
+from utils.io import atomic_open, atomic_save_npy, atomic_write_json, describe_load_failure, torch_load_plain
 from utils.metrics import clip_moments, moment_iou
 
 INDEX_FORMAT = "mgsv-music-index/1"
@@ -215,10 +215,9 @@ def _load_tensor(path: Path, what: str) -> torch.Tensor:
     if not path.is_file():
         raise GroundingError(f"{what} {path}: file not found")
     try:
-        x = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GroundingError(f"{what} {path}: cannot be read as a torch tensor "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        x = torch_load_plain(path)
+    except Exception as e:  # refused pickled object, truncated file, not a torch file
+        raise GroundingError(f"{what} {path}: cannot be read as a torch tensor ({describe_load_failure(e)})") from None
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not torch.is_tensor(x):

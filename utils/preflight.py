@@ -47,6 +47,13 @@ USER_ERRORS = (
     ("utils.evaluate", "EvaluationError"),
     ("utils.preflight", "RunDirError"),
     ("utils.preflight", "ConfigError"),
+    ("utils.io", "OutputError"),
+    ("utils.io", "UnsafeFileError"),
+)
+# Failures of a run that had started correctly (a checkpoint write on a full disk): one paragraph
+# too, but exit status 1, as a run that failed rather than input that was refused.
+RUN_FAILURES = (
+    ("utils.io", "WriteError"),
 )
 
 
@@ -59,13 +66,13 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------ errors
-def is_user_error(exc: BaseException) -> bool:
-    """True for the project's own input errors (see USER_ERRORS).
+def is_user_error(exc: BaseException, classes: Sequence[tuple[str, str]] = USER_ERRORS) -> bool:
+    """True for the project's own input errors (see USER_ERRORS, or `classes`).
 
     Looked up in sys.modules rather than imported: a module that was never imported cannot
     have raised, and importing it here would load torch just to print a message.
     """
-    for module_name, class_name in USER_ERRORS:
+    for module_name, class_name in classes:
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
         if cls is not None and isinstance(exc, cls):
@@ -104,10 +111,13 @@ def run_cli(main: Callable[[], int]) -> int:
     try:
         return main()
     except Exception as e:
-        if not is_user_error(e):
-            raise
-        report_user_error(e, get_logger())
-        return 2
+        if is_user_error(e):
+            report_user_error(e, get_logger())
+            return 2
+        if is_user_error(e, RUN_FAILURES):
+            report_user_error(e, get_logger())
+            return 1
+        raise
 
 
 # ------------------------------------------------------------------ run folders
