@@ -206,10 +206,11 @@ def test_resume_of_nothing(data: dict) -> None:
     assert_clean_failure(proc, 2, "no such run folder or checkpoint file")
 
 
-# ------------------------------------------------------------------ NaN loss
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoints(reference: Path, data: dict) -> None:
-    """A training video whose features are finite but huge (a broken extractor) overflows the
-    model to NaN in the epoch after the saved ones: exit 1, and the run's files stay as they were."""
+# ------------------------------------------------------------------ features that overflow the model
+def test_overflowing_features_are_named_and_keep_the_checkpoints(reference: Path, data: dict) -> None:
+    """A training video whose features are finite but huge (a broken extractor) would overflow the
+    model to NaN and surface as a NaN loss naming no file. It is refused when read, in the epoch
+    after the saved ones: exit 2, one line naming the file, and the run's files stay as they were."""
     run = data["root"] / "nan_run"
     shutil.copytree(reference, run)
     features = linked_feature_root(data["features"], data["root"] / "nan_features", [data["train"], data["val"]])
@@ -223,8 +224,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoints(reference: Path, dat
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith(("pytorch_model", "train_state"))}
     proc = run_cli("train.py", ["--resume", run, "--epochs", str(EPOCHS + 1), "--frozen_feature_path", features,
                                 "--device", "cpu", "--num_workers", "0"])
-    assert_clean_failure(proc, 1, f"non-finite training loss", f"at epoch {EPOCHS + 1}",
-                         "were not overwritten")
+    text = assert_clean_failure(proc, 2, f"error: {path}: values up to", "beyond +-65504", "Re-extract")
+    assert len([line for line in text.splitlines() if line.startswith("error:")]) == 1
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith(("pytorch_model", "train_state"))}
     assert after == before
 

@@ -52,6 +52,10 @@ MUSIC_DIM = 768
 PACKED_DIR = "packed"
 PACK_FORMAT = "mgsv-packed-v1"
 FP16_MAX = 65504.0
+# CLIP and AST embeddings stay within a few tens; values beyond this bound (a broken extractor,
+# wrong units) are finite but overflow the encoders' attention to NaN, which then shows up as
+# a NaN loss far from the file that caused it. It is also the float16 range (--amp, --fp16).
+MAX_ABS_FEATURE = FP16_MAX
 MAX_LISTED = 5  # paths/ids listed in an error before "... and N more"
 _README_HINT = "See features/README.md for the expected layout."
 
@@ -170,6 +174,11 @@ def validate_pair(feat: Any, mask: Any, modality: Modality, feat_path: Path,
     f = feat.detach().to(torch.float32).numpy()
     if not np.isfinite(f).all(axis=1)[valid].all():
         raise FeatureError(f"{feat_path}: contains NaN or inf values in valid rows. {fix}")
+    peak = float(np.abs(f[valid]).max())
+    if peak > MAX_ABS_FEATURE:
+        raise FeatureError(f"{feat_path}: values up to {peak:.3g} in valid rows, beyond +-{MAX_ABS_FEATURE:g}: "
+                           f"{modality.name} features stay far below that, and such values overflow the encoders "
+                           f"to NaN (a broken extractor?). {fix}")
     out = np.where(valid[:, None], f, np.float32(0.0))
     return torch.from_numpy(out), torch.from_numpy(valid.astype(np.float32))
 
@@ -298,6 +307,15 @@ class PackedSource:
         feats, masks = self._arrays()
         f = np.asarray(feats[rows]).astype(np.float32, copy=False)
         m = np.asarray(masks[rows]).astype(np.float32, copy=False)
+        # Packing validated every row; what is read is checked again (~1 ms a batch), so a store
+        # damaged since then fails here with its name instead of turning into a NaN loss.
+        bad = ~(np.isfinite(f).all(axis=(1, 2)) & (np.abs(f).max(axis=(1, 2), initial=0.0) <= MAX_ABS_FEATURE)
+                & ((m == 0) | (m == 1)).all(axis=1))
+        if bad.any():
+            raise FeatureError(f"packed store {self.directory}: the rows of {self.modality.name} id(s) "
+                               f"{_listed([ids[i] for i in np.flatnonzero(bad)])} hold NaN/inf, out-of-range values "
+                               f"or a non-0/1 mask: the store is damaged. Rebuild it with "
+                               f"{rebuild_command(self.modality)}.")
         return torch.from_numpy(f), torch.from_numpy(m)
 
     def missing(self, ids: Sequence[str]) -> dict[str, list[str]]:

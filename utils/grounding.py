@@ -263,6 +263,11 @@ def prepare_video(feat: torch.Tensor, mask: torch.Tensor | None = None, num_fram
             raise GroundingError(f"{name}: contains NaN or inf values in valid frames")
     if not mask.any():
         raise GroundingError(f"{name}: no valid frame (all rows are zero or masked out)")
+    from utils.features import MAX_ABS_FEATURE
+    peak = float(feat[mask.bool()].abs().max())
+    if peak > MAX_ABS_FEATURE:
+        raise GroundingError(f"{name}: values up to {peak:.3g}, beyond +-{MAX_ABS_FEATURE:g}; CLIP features stay far "
+                             "below that and such values overflow the model to NaN (a broken extractor?)")
     out = torch.zeros(num_frames, 512)
     out_mask = torch.zeros(num_frames)
     out[: feat.shape[0]] = feat.masked_fill(~mask.bool()[:, None], 0.0)
