@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.features import (FeatureError, Modality, music_modality, open_packed,  # noqa: E402
                             pack_modality, video_modality)
+from utils.io import OutputError, WriteError, check_writable_dir  # noqa: E402
 
 
 def pack(root: str | Path, stride: float = 2.5, fp16: bool = False,
@@ -39,6 +40,8 @@ def pack(root: str | Path, stride: float = 2.5, fp16: bool = False,
         targets["video"] = video_modality(root, num_frames)
     if "music" in modalities:
         targets["music"] = music_modality(root, stride, max_m_duration)
+    for modality in targets.values():  # before hours of reading, not after
+        check_writable_dir(modality.packed_dir.parent, "packed store folder")
     manifests = {}
     for name, modality in targets.items():
         current = None if force else open_packed(modality, warn=False)
@@ -75,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pack(args.frozen_feature_path, args.stride, args.fp16, modalities, args.max_m_duration,
              args.max_v_frames, args.force, progress=not args.no_progress)
-    except FeatureError as exc:
+    except (FeatureError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WriteError as exc:  # disk full part-way: the previous store is untouched
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -467,7 +467,13 @@ def encode_tracks(gm: GroundingModel, music_feats: torch.Tensor,
 
 
 def check_out_folder(out: Path, overwrite: bool) -> None:
-    """An existing index is replaced only with overwrite; anything else there is never touched."""
+    """An existing index is replaced only with overwrite; anything else there is never touched.
+    The folder that will hold it must take new files (checked before any encoding)."""
+    from utils.io import OutputError, check_writable_dir
+    try:
+        check_writable_dir(out.parent, f"--out {out}: the folder that holds it,")
+    except OutputError as e:
+        raise GroundingError(str(e)) from None
     if not out.exists():
         return
     if not overwrite:

@@ -56,7 +56,8 @@ def _umask() -> int:
 
 def _describe_write_failure(path: Path, exc: BaseException) -> str:
     code = getattr(exc, "errno", None)
-    reason = os.strerror(code) if code else str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # torch's writer hides the OS error behind "unexpected pos N vs M"; say what that means.
+    reason = os.strerror(code) if code else "the write stopped part-way"
     try:
         free = shutil.disk_usage(path.parent).free
         space = f"; {free / 2**20:.1f} MiB free on its disk"
