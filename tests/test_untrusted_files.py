@@ -205,3 +205,16 @@ def test_entry_point_never_runs_a_payload(entry_point_runs: dict, name: str) -> 
     error_lines = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, text[-2000:]
     assert not marker.exists(), "code embedded in the file ran"
+
+
+def test_index_with_non_finite_rows_is_refused(entry_point_runs: dict, tmp_path: Path) -> None:
+    """A NaN in a track's embedding would make its score NaN and drop it from every ranking."""
+    from utils.grounding import GroundingError, open_index
+    proc, _, bad_index = entry_point_runs["ground.py index"]
+    index = tmp_path / "music.index"
+    shutil.copytree(bad_index.parent.parent / "music.index", index)
+    m = np.load(index / "m.npy")
+    m[2, 5] = np.nan
+    np.save(index / "m.npy", m)
+    with pytest.raises(GroundingError, match=r"m.npy: NaN/inf values for track\(s\) .*rebuild it"):
+        open_index(index)

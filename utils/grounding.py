@@ -715,6 +715,18 @@ def open_index(path: str | os.PathLike, gm: GroundingModel | None = None) -> Mus
         raise GroundingError(f"{path}: incomplete or corrupt index ({type(e).__name__}: {e}); rebuild it") from None
     if len(ids) != n or library.durations.shape != (n,) or tracks.m.shape[0] != n or len(library.block_rows) != n:
         raise GroundingError(f"{path}: arrays disagree with the {n} tracks of the manifest; rebuild it")
+    if len(set(ids)) != n:
+        raise GroundingError(f"{path}: music_ids.json repeats ids; the index is damaged: rebuild it with "
+                             "scripts/build_music_index.py")
+    # The per-track arrays are small (N x d); a NaN there would make a track's score NaN, and a
+    # NaN score never ranks, so the track would vanish from every result without a word.
+    for name, array in (("m.npy", tracks.m), ("mask.npy", tracks.mask), ("durations.npy", library.durations),
+                        ("block_consts.npy", library.block_consts)):
+        finite = np.isfinite(np.asarray(array, dtype=np.float64).reshape(n, -1)).all(axis=1) if n else []
+        if not np.all(finite):
+            bad = [ids[i] for i in np.flatnonzero(~np.asarray(finite))[:3]]
+            raise GroundingError(f"{path / name}: NaN/inf values for track(s) {', '.join(bad)}; the index is damaged: "
+                                 "rebuild it with scripts/build_music_index.py")
     return library
 
 
@@ -860,6 +872,9 @@ def two_stage_scores(gm: GroundingModel, library: MusicLibrary, v: torch.Tensor,
 def top_by_score(scores: torch.Tensor, rows: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the k best (row, score), ties broken by the lower row (= test.py's column order)."""
     s = scores.double().cpu().numpy()
+    if not np.isfinite(s).all():  # a NaN score never ranks: its track would vanish silently
+        raise GroundingError("the index gives NaN/inf scores for some tracks: its token, key or Gram arrays are "
+                             "damaged; rebuild it with scripts/build_music_index.py")
     cols = np.broadcast_to(np.arange(s.shape[1]), s.shape) if rows is None else rows
     k = min(k, s.shape[1])
     top_rows = np.empty((s.shape[0], k), dtype=np.int64)
