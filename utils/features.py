@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from utils.io import (UnsafeFileError, atomic_open, atomic_save_npy, atomic_write_json, describe_load_failure,
-                      torch_load_plain)
+                      file_digest, manifest_digest, npy_header, stat_record, torch_load_plain)
 
 VIDEO_DIR = "vit_feature1"
 MUSIC_DIRS: dict[float, str] = {2.5: "ast_feature2p5", 5.0: "ast_feature5",
@@ -387,28 +387,9 @@ def source_fingerprint(modality: Modality) -> dict[str, Any]:
             "mtime_ns_max": max((st.st_mtime_ns for _, st in entries), default=0), "sha1": h.hexdigest()}
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """blake2b-128 of a file's bytes (no dependency; ~1 GB/s)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_digests(modality: Modality) -> dict[str, str]:
     """{"vit_feature/<id>.pt": digest, ...} of every per-id file of `modality`."""
     return {name: file_digest(modality.base / name) for name, _ in _source_entries(modality)}
-
-
-def _stat_record(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def _manifest_digest(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_digest"}
-    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 def _write_npy_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype,
@@ -477,8 +458,8 @@ def pack_modality(modality: Modality, fp16: bool = False, progress: bool = True)
                     "num_items": len(ids), "rows": modality.rows, "dim": modality.dim,
                     "feats_dtype": dtype.name, "files": files, "source": fingerprint, "source_digests": digests,
                     "digests": {name: file_digest(staging / name) for name in files.values()},
-                    "stats": {name: _stat_record(staging / name) for name in files.values()}}
-        manifest["manifest_digest"] = _manifest_digest(manifest)
+                    "stats": {name: stat_record(staging / name) for name in files.values()}}
+        manifest["manifest_digest"] = manifest_digest(manifest)
         atomic_write_json(manifest, staging / "manifest.json")
         _swap_into_place(staging, final)
     except BaseException:
@@ -503,23 +484,12 @@ def rebuild_command(modality: Modality) -> str:
     return f"`python scripts/pack_features.py --frozen_feature_path {modality.base.parent} --force`"
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) from an .npy header; reads no data and unpickles nothing."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(f)
-        if fortran:
-            raise ValueError("Fortran-ordered array")
-        return shape, dtype, f.tell()
-
-
 def _store_problem(modality: Modality, directory: Path, manifest: Any, verify: bool) -> str | None:
     """What is wrong with a packed store (cheap invariants always, digests when due), or None."""
     if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         return f"of unknown format {found!r} (expected {PACK_FORMAT})"
-    if manifest.get("manifest_digest") != _manifest_digest(manifest):
+    if manifest.get("manifest_digest") != manifest_digest(manifest):
         return "inconsistent: manifest.json was edited since packing"
     if (manifest.get("rows"), manifest.get("dim")) != (modality.rows, modality.dim):
         return (f"built for rows/dim {manifest.get('rows')}/{manifest.get('dim')}, not the expected "
@@ -529,8 +499,8 @@ def _store_problem(modality: Modality, directory: Path, manifest: Any, verify: b
         return "incomplete (a data file is missing)"
     try:
         ids = json.loads((directory / files["ids"]).read_text(encoding="utf-8"))
-        feats_shape, feats_dtype, feats_offset = _npy_header(directory / files["feats"])
-        masks_shape, masks_dtype, masks_offset = _npy_header(directory / files["masks"])
+        feats_shape, feats_dtype, feats_offset = npy_header(directory / files["feats"])
+        masks_shape, masks_dtype, masks_offset = npy_header(directory / files["masks"])
     except (OSError, ValueError) as e:
         return f"unreadable ({type(e).__name__}: {e})"
     if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids) and len(set(ids)) == len(ids) == n):
@@ -543,7 +513,7 @@ def _store_problem(modality: Modality, directory: Path, manifest: Any, verify: b
                  ((n, modality.rows), "float32", expected[1][2])):
         return "inconsistent: the arrays' shape, dtype or size disagree with the manifest"
     for name in files.values():
-        if verify or _stat_record(directory / name) != manifest["stats"].get(name):
+        if verify or stat_record(directory / name) != manifest["stats"].get(name):
             if file_digest(directory / name) != manifest["digests"].get(name):
                 return f"damaged: {name} changed since packing (its content digest differs)"
     if modality.base.is_dir() and (verify or source_fingerprint(modality) != manifest["source"]):
