@@ -23,11 +23,11 @@ from utils import distributed as D
 from utils.checkpoint import (LAST_NAME, TEST_BEST_ORDER, CheckpointError, adopt_checkpoint_config,
                               load_checkpoint, load_model_weights)
 from utils.engine import evaluate, per_video_predictions
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, check_writable_file
 from utils.logger import setup_logger
 from utils.metrics import METRIC_KEYS, format_table
-from utils.options import parse_args
-from utils.preflight import run_cli
+from utils.options import MODEL_KEYS, parse_args
+from utils.preflight import evaluation_dir, prediction_identity, run_cli
 from utils.runtime import make_eval_loader, resolve_device, seed_everything
 
 
@@ -79,6 +79,16 @@ def with_prior_name(target: Path) -> Path:
     return target.with_name(f"{target.stem}_with_prior{target.suffix or '.json'}")
 
 
+def metrics_json_paths(metrics_json: str | None, paths: list[Path]) -> list[Path]:
+    """--metrics_json's file per checkpoint: the name itself for one, <stem>_<suffix>.json for several."""
+    if not metrics_json:
+        return []
+    target = Path(metrics_json)
+    if len(paths) == 1:
+        return [target]
+    return [target.with_name(f"{target.stem}_{p.name.split('.')[-1]}{target.suffix or '.json'}") for p in paths]
+
+
 def split_name(csv_path: str) -> str:
     name = Path(csv_path).name
     return "test" if "test" in name else ("val" if "val" in name else Path(csv_path).stem)
@@ -99,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", dist_info.local_rank)
     ckpt_root = Path(args.load_uni_model_path)
     paths = checkpoints_to_test(ckpt_root, args.test_best)  # before the log folder is made beside them
-    log_dir = (ckpt_root if ckpt_root.is_dir() else ckpt_root.parent) / f"{args.test_data}-{split_name(args.test_csv)}"
+    # Outputs are checked before the evaluation, not found unwritable after it.
+    log_dir = evaluation_dir(ckpt_root, args.output_dir, f"{args.test_data}-{split_name(args.test_csv)}")
+    for out in metrics_json_paths(args.metrics_json, paths):
+        check_writable_file(out, "--metrics_json")
     log = setup_logger(log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-uni-{args.name}-{args.test_data}_test.log",
                        is_main=dist_info.is_main)
     seed_everything(args.seed)
@@ -152,17 +165,16 @@ def main(argv: list[str] | None = None) -> int:
                          + "\n" + format_table(subset_table(combined)))
         results[path.name] = metrics
         if args.save_json and dist_info.is_main:
-            out = log_dir / (f"uni_{split_name(args.test_csv)}_{state.get('epoch')}_"
-                             f"Mo-R1={metrics['R1_iou0.7']:.2f}.json")
+            identity = prediction_identity(path, args.test_csv, {k: getattr(args, k, None) for k in (
+                *MODEL_KEYS, "max_v_frames", "skip_bad_rows", "frozen_feature_path", "save_json_ranking")})
+            out = log_dir / (f"uni_{split_name(args.test_csv)}_{state.get('epoch')}_{path.name.split('.')[-1]}_"
+                             f"Mo-R1={metrics['R1_iou0.7']:.2f}_{identity}.json")
             atomic_write_json(prediction_rows(collected, details, args.save_json_ranking), out)
             log.info(f"per-video predictions: {out}")
     if args.metrics_json and dist_info.is_main:
         # A flat object with METRIC_KEYS (+ the "seen/mIoU"-style breakdown keys); several checkpoints
         # give one file each, named after the checkpoint's suffix (metrics_best_r1.json, ...).
-        target = Path(args.metrics_json)
-        for path in paths:
-            out = target if len(paths) == 1 else target.with_name(
-                f"{target.stem}_{path.name.split('.')[-1]}{target.suffix or '.json'}")
+        for path, out in zip(paths, metrics_json_paths(args.metrics_json, paths)):
             atomic_write_json(results[path.name], out)
             log.info(f"metrics written to {out}")
             if path.name in results_prior:

@@ -15,6 +15,10 @@ Reliability:
     anything is written; the run folder is created only once the inputs are known to be good.
   * A folder that holds a run is never trained into again without --overwrite, which moves
     the old run's files into a `replaced-<time>` subfolder (nothing is ever deleted).
+  * One process writes a run folder at a time: it holds an exclusive lock on <run>/.run.lock
+    (utils/runlock.py) for the whole run; a second train.py on that folder (fresh, --resume or
+    --overwrite) exits with status 2 naming the holder. The kernel drops the lock when the
+    holder dies, so a killed run never blocks the next one.
   * pytorch_model.bin.last is written (atomically) at the end of every epoch with everything
     needed to continue: optimizer, schedule, step, best trackers (hence early stopping),
     history and RNG states. `--resume RUN_DIR` takes every training setting from it, so a run
@@ -34,10 +38,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from utils import runlock
+from utils.io import check_writable_dir
 from utils.logger import get_logger, setup_logger
 from utils.options import parse_args
-from utils.preflight import (check_batch_size, check_new_run_dir, given_flags, load_split, new_run_dir,
-                             resume_settings, run_cli, set_aside_previous_run)
+from utils.preflight import (RunDirError, check_batch_size, check_new_run_dir, given_flags, load_split,
+                             new_run_dir, resume_settings, run_cli, set_aside_previous_run)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,17 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logger()  # console only: the run folder is created once the inputs are known to be good
     resume = None
     if args.resume:
+        given = Path(args.resume)
+        runlock.check_free(given if given.is_dir() else given.parent)  # "in use" before "nothing to resume"
         resume = load_resume(args, argv)
         run_dir = resume["path"].parent
         if finished(resume, args):
             log.info(f"{run_dir}: the run already finished (epoch {resume['epoch']} of {args.epochs}); nothing "
                      "to do. Pass a larger --epochs to train it further.")
             if os.environ.get("RANK", "0") == "0":
+                lock = runlock.acquire(run_dir)
                 mark_finished(run_dir, resume)
+                lock.release()
             return 0
+        check_writable_dir(run_dir, "--resume run folder")
     else:
         run_dir = new_run_dir(args)
+        runlock.check_free(run_dir)  # a run in its first epoch has no checkpoint yet, but holds the lock
         check_new_run_dir(run_dir, args.overwrite)
+        check_writable_dir(run_dir, "run folder (--output_dir/--name)")
     # The annotations before anything heavy: pandas only, so a bad CSV or batch size is
     # reported before torch is imported or the feature store is opened.
     train_df = load_split(args.train_csv, args)
@@ -123,7 +136,7 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
     from utils import distributed as D
     from utils.checkpoint import BEST_NAMES, LAST_NAME, load_model_weights, save_checkpoint, unwrap
     from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
-    from utils.io import atomic_write_json
+    from utils.io import WriteError, atomic_write_json
     from utils.logger import Scalars
     from utils.metrics import format_table
     from utils.runtime import (build_loaders, build_training, capture_rng, describe_run, resolve_device,
@@ -140,12 +153,18 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
     train_loader, val_loader, train_sampler = build_loaders(args, dist_info, device, train_df=train_df, val_df=val_df)
     model, criterion, optimizer, scheduler, ddp_model = build_training(args, device, dist_info,
                                                                       steps_per_epoch=len(train_loader))
-    # Every input is good: only now is anything written.
-    set_aside = None
+    # Every input is good: only now is anything written, and only by the holder of the folder's lock.
+    set_aside, lock = None, None
     if dist_info.is_main:
-        if resume is None and args.overwrite:
-            set_aside = set_aside_previous_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock, refusal = claim_run_dir(run_dir, fresh=resume is None, overwrite=args.overwrite)
+    else:
+        refusal = None
+    refusal = D.broadcast_object(refusal)  # every rank stops when rank 0 could not claim the folder
+    if refusal is not None:
+        D.cleanup()
+        raise RunDirError(refusal)
+    if dist_info.is_main and resume is None and args.overwrite:
+        set_aside = set_aside_previous_run(run_dir)
     log = setup_logger(run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.name}-{args.train_data}_train.log",
                        is_main=dist_info.is_main)
     log.info(describe_run(args, device, dist_info, run_dir))
@@ -240,7 +259,8 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
                 log.info("last validation:\n" + format_table({"val": history[-1]["val"]}))
             if args.save_model:
                 write_state(True, history[-1]["epoch"] if history else start_epoch - 1)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, WriteError) as e:
+        # WriteError: a checkpoint or state write failed part-way (disk full); atomic writes kept the old files.
         saved = (f"The checkpoints in {run_dir} are those of epoch {last_saved} and were not overwritten"
                  if last_saved > 0 and args.save_model else "No checkpoint was written")
         log.error(f"{e}\nTraining stopped. {saved}.")
@@ -248,7 +268,32 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
     finally:
         scalars.close()
         D.cleanup()
+        if lock is not None:
+            lock.release()
     return status
+
+
+def claim_run_dir(run_dir: Path, fresh: bool, overwrite: bool) -> tuple[runlock.RunLock | None, str | None]:
+    """Create the run folder and take its lock: (lock, None), or (None, why not) for the other ranks.
+
+    A fresh run checks the folder again under the lock: a run that finished since main()'s
+    check must not be trained into without --overwrite."""
+    try:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create the run folder {run_dir} ({e.strerror}); choose another "
+                              "--output_dir.") from None
+        lock = runlock.acquire(run_dir)
+        if fresh:
+            try:
+                check_new_run_dir(run_dir, overwrite)
+            except RunDirError:
+                lock.release()
+                raise
+        return lock, None
+    except ValueError as e:  # RunDirError, OutputError: one line for the user
+        return None, str(e)
 
 
 def epoch_summary(epoch: int, epochs: int, train_stats: dict, metrics: dict, seconds: float) -> str:

@@ -15,7 +15,11 @@ per-id files may be deleted afterwards; the packed store is then used as is.
 
 --fp16 halves the size (video ~2.7 GB instead of ~5.4 GB for the full MGSV-EC); the
 loader casts back to float32, so values are close to, not equal to, the originals.
-Re-running is a no-op when the store is up to date (use --force to rebuild).
+Re-running is a no-op when the store is up to date (use --force to rebuild). A rebuild is
+written into a staging folder and swapped in at the end, so a failed one leaves the previous
+store usable. --verify checks an existing store against the content digests recorded when
+it was packed (its own files and, where present, the per-id files) and exits 2 if it is damaged
+or out of date.
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.features import (FeatureError, Modality, music_modality, open_packed,  # noqa: E402
-                            pack_modality, video_modality)
+from utils.features import (FeatureError, Modality, inspect_packed, music_modality, open_packed,  # noqa: E402
+                            pack_modality, rebuild_command, video_modality)
+from utils.io import OutputError, WriteError, check_writable_dir  # noqa: E402
 
 
 def pack(root: str | Path, stride: float = 2.5, fp16: bool = False,
@@ -39,6 +44,8 @@ def pack(root: str | Path, stride: float = 2.5, fp16: bool = False,
         targets["video"] = video_modality(root, num_frames)
     if "music" in modalities:
         targets["music"] = music_modality(root, stride, max_m_duration)
+    for modality in targets.values():  # before hours of reading, not after
+        check_writable_dir(modality.packed_dir.parent, "packed store folder")
     manifests = {}
     for name, modality in targets.items():
         current = None if force else open_packed(modality, warn=False)
@@ -54,6 +61,23 @@ def pack(root: str | Path, stride: float = 2.5, fp16: bool = False,
     return manifests
 
 
+def verify(root: str | Path, stride: float, modalities: tuple[str, ...], max_m_duration: float,
+           num_frames: int) -> int:
+    """Compare every content digest of the stores of `modalities`; 0 when all are sound, else 2."""
+    status = 0
+    for name in modalities:
+        modality = video_modality(root, num_frames) if name == "video" else music_modality(root, stride, max_m_duration)
+        store, problem = inspect_packed(modality, verify=True)
+        if store is not None:
+            print(f"{modality.packed_dir}: ok ({store.manifest['num_items']} {name} items, digests match)")
+            continue
+        status = 2
+        why = f"is {problem}" if problem else "does not exist"
+        print(f"error: packed store {modality.packed_dir} {why}; rebuild it with {rebuild_command(modality)}",
+              file=sys.stderr)
+    return status
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -65,6 +89,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="store features as float16 (half the size)")
     p.add_argument("--modality", choices=["both", "video", "music"], default="both")
     p.add_argument("--force", action="store_true", help="rebuild even if the packed store is up to date")
+    p.add_argument("--verify", action="store_true",
+                   help="check the store's content digests (and the per-id files') instead of packing")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -72,12 +98,17 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     modalities = ("video", "music") if args.modality == "both" else (args.modality,)
+    if args.verify:
+        return verify(args.frozen_feature_path, args.stride, modalities, args.max_m_duration, args.max_v_frames)
     try:
         pack(args.frozen_feature_path, args.stride, args.fp16, modalities, args.max_m_duration,
              args.max_v_frames, args.force, progress=not args.no_progress)
-    except FeatureError as exc:
+    except (FeatureError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WriteError as exc:  # disk full part-way: the previous store is untouched
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,8 +16,11 @@ import pytest
 import torch
 
 from cli_helpers import (assert_clean_failure, comparable_history, demo_paths, linked_feature_root, only_run_dir,
-                         output, read_csv_text, read_state, replace_file, run_cli, start_cli, subset_csv, train_args)
+                         output, read_csv_text, read_state, replace_file, run_cli, run_many, start_cli, subset_csv,
+                         train_args)
 from utils.checkpoint import LAST_NAME
+from utils.preflight import RunDirError
+from utils.runlock import LOCK_NAME, check_free
 
 EPOCHS = 3
 WORKERS = ["--num_workers", "1"]
@@ -102,6 +105,7 @@ def _wait_for_epoch_2(proc, out: Path, log: Path, timeout: float = 300) -> Path:
 def test_sigkill_then_resume_equals_uninterrupted(runs: dict) -> None:
     reference, resumed = runs["reference"], runs["resumed"]
     assert runs["state_at_kill"]["epoch"] == 1           # killed in epoch 2, before it was saved
+    assert (resumed / LOCK_NAME).is_file()               # the killed run's lock file did not block --resume
     assert "resumed from epoch 1" in runs["resume_output"]
     ref, got = read_state(reference), read_state(resumed)
     assert got["finished"] and ref["finished"] and got["epoch"] == ref["epoch"] == EPOCHS
@@ -202,10 +206,11 @@ def test_resume_of_nothing(data: dict) -> None:
     assert_clean_failure(proc, 2, "no such run folder or checkpoint file")
 
 
-# ------------------------------------------------------------------ NaN loss
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoints(reference: Path, data: dict) -> None:
-    """A training video whose features are finite but huge (a broken extractor) overflows the
-    model to NaN in the epoch after the saved ones: exit 1, and the run's files stay as they were."""
+# ------------------------------------------------------------------ features that overflow the model
+def test_overflowing_features_are_named_and_keep_the_checkpoints(reference: Path, data: dict) -> None:
+    """A training video whose features are finite but huge (a broken extractor) would overflow the
+    model to NaN and surface as a NaN loss naming no file. It is refused when read, in the epoch
+    after the saved ones: exit 2, one line naming the file, and the run's files stay as they were."""
     run = data["root"] / "nan_run"
     shutil.copytree(reference, run)
     features = linked_feature_root(data["features"], data["root"] / "nan_features", [data["train"], data["val"]])
@@ -219,7 +224,50 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoints(reference: Path, dat
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith(("pytorch_model", "train_state"))}
     proc = run_cli("train.py", ["--resume", run, "--epochs", str(EPOCHS + 1), "--frozen_feature_path", features,
                                 "--device", "cpu", "--num_workers", "0"])
-    assert_clean_failure(proc, 1, f"non-finite training loss", f"at epoch {EPOCHS + 1}",
-                         "were not overwritten")
+    text = assert_clean_failure(proc, 2, f"error: {path}: values up to", "beyond +-65504", "Re-extract")
+    assert len([line for line in text.splitlines() if line.startswith("error:")]) == 1
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.name.startswith(("pytorch_model", "train_state"))}
     assert after == before
+
+
+# ------------------------------------------------------------------ one writer per run folder
+def _wait_until_locked(proc, out: Path, log: Path, timeout: float = 300) -> Path:
+    """The run folder of `proc` once it exists and its lock is held (training has started)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.is_alive(), f"the run ended early:\n{log.read_text()[-3000:]}"
+        for run_dir in out.glob("*/*"):
+            try:
+                check_free(run_dir)
+            except RunDirError:
+                return run_dir
+        time.sleep(0.02)
+    raise AssertionError(f"the run never locked its folder:\n{log.read_text()[-3000:]}")
+
+
+def test_second_run_into_the_same_folder_is_refused(reference: Path, data: dict) -> None:
+    """While a run is in its first epoch (a log, no checkpoint yet), a second train.py on its folder --
+    plain, --overwrite or --resume -- exits 2 within seconds naming the first, which then finishes
+    with exactly the checkpoints of a run that was alone."""
+    out, log = data["root"] / "contested", data["root"] / "contested.out"
+    first = start_cli("train.py", _args(data, out), log)
+    try:
+        run_dir = _wait_until_locked(first, out, log)
+        t0 = time.time()
+        others = run_many([("train.py", _args(data, out)), ("train.py", _args(data, out, "--overwrite")),
+                           ("train.py", ["--resume", run_dir, "--device", "cpu"])], parallel=3)
+        elapsed = time.time() - t0
+        first.join(300)
+    finally:
+        if first.is_alive():
+            first.kill()
+    for proc in others:
+        assert_clean_failure(proc, 2, f"{run_dir} is in use by another training process", f"pid {first.pid} on")
+    assert elapsed < 60
+    assert first.exitcode == 0, log.read_text()[-3000:]
+    assert comparable_history(read_state(run_dir)) == comparable_history(read_state(reference))
+    ref_ckpts, got_ckpts = _checkpoints(reference), _checkpoints(run_dir)
+    assert ref_ckpts.keys() == got_ckpts.keys()
+    for name in ref_ckpts:
+        _assert_tensors_equal(ref_ckpts[name]["model_state_dict"], got_ckpts[name]["model_state_dict"], name)
+    assert not list(run_dir.glob("replaced-*"))  # the refused --overwrite moved nothing

@@ -114,7 +114,7 @@ def test_single_checkpoint_metrics_and_predictions(trained: dict) -> None:
     metrics = json.loads(metrics_path.read_text())
     _assert_same_metrics(metrics, trained["state"]["history"][-1]["val"], LAST_NAME)
 
-    (pred_file,) = run.glob("*-val/uni_val_2_*.json")
+    (pred_file,) = run.glob("*-val/uni_val_2_last_*.json")
     rows = json.loads(pred_file.read_text())
     assert len(rows) == 20
     # Breakdown: seen = the videos whose track occurs in the run's training CSV.
@@ -142,7 +142,7 @@ def test_top_k_predictions_agree_on_what_they_determine(trained: dict) -> None:
     _test_py(trained, best, "--metrics_json", metrics_path, "--save_json", "1", "--save_json_ranking", "5")
     metrics = json.loads(metrics_path.read_text())
     epoch = torch.load(best, weights_only=False)["epoch"]
-    (pred_file,) = run.glob(f"*-val/uni_val_{epoch}_*.json")
+    (pred_file,) = run.glob(f"*-val/uni_val_{epoch}_best_r1_*.json")
     rows = json.loads(pred_file.read_text())
     assert all(len(r["ranked_music_ids"]) == 5 for r in rows)
     got = _run_evaluate(trained, rows, "top5")

@@ -8,18 +8,22 @@ the configuration travels inside the file, so a checkpoint explains itself.
 
 Files are written atomically (utils/io.py): a crash mid-write leaves the
 previous checkpoint intact under the final name.
+
+Reading never runs code from the file: torch.load(weights_only=True) rebuilds only
+tensors and plain Python values. Our resume state also holds numpy's RNG state; files
+written before it was stored as plain lists carry it as a numpy array, so exactly the
+numpy globals that rebuild an array or a scalar are allowed as well (NUMPY_SAFE_NAMES).
+A file that needs any other global is refused (CheckpointError), whatever it contains.
 """
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils.io import atomic_torch_save
+from utils.io import UnsafeFileError, atomic_torch_save, describe_load_failure, torch_load_plain
 
 FORMAT = "mgsv-made/1"
 BEST_NAMES = {
@@ -88,23 +92,61 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write was interrupted; "
                               "use another checkpoint of the run (e.g. a .best_* file).")
-    try:
-        # weights_only=False: the authors' files and our resume state hold plain Python objects
-        # (numbers, strings, RNG state tensors). Only load checkpoints you trust.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
-        detail = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {detail}): the file is truncated (an "
-            "interrupted download or copy?) or is not a PyTorch checkpoint. Use another checkpoint of the run "
-            "or copy it again.") from None
+    state = _safe_load(path)
     if isinstance(state, dict) and "model_state_dict" in state and isinstance(state["model_state_dict"], dict):
+        _check_finite_weights(path, state["model_state_dict"])
         return state
     if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
+        _check_finite_weights(path, state)
         return {"format": "bare-state-dict", "model_state_dict": state, "epoch": None, "config": {}}
     raise CheckpointError(f"{path} is not a MaDe checkpoint: expected a dict with 'model_state_dict' "
                           f"(found {type(state).__name__}"
                           f"{' with keys ' + ', '.join(map(str, list(state)[:8])) if isinstance(state, dict) else ''}).")
+
+
+# Module paths under which numpy pickles an ndarray (np.random.get_state()'s key array) and a
+# scalar (np.float64 in a metric): numpy 1.x wrote numpy.core, numpy 2.x writes numpy._core.
+NUMPY_SAFE_NAMES = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+
+
+def _numpy_safe_globals() -> list:
+    """(object, pickled name) pairs of the numpy globals a checkpoint may reference (see module doc)."""
+    import numpy as np
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed: list = [np.ndarray, np.dtype]
+    # numpy >= 1.25 rebuilds a dtype as an instance of its own class (numpy.dtypes.Float64DType, ...):
+    # those of the values our checkpoints held (RNG keys uint32, metrics float64/float32, counters).
+    allowed += [type(np.dtype(code)) for code in ("u4", "f8", "f4", "i8", "i4", "?")
+                if type(np.dtype(code)) is not np.dtype]
+    for name in NUMPY_SAFE_NAMES:
+        allowed.append((getattr(multiarray, name.rsplit(".", 1)[1]), name))
+    return allowed
+
+
+def _safe_load(path: Path) -> Any:
+    """Tensors and plain values only (utils.io.torch_load_plain); one-line CheckpointError otherwise."""
+    try:
+        return torch_load_plain(path, allowed=_numpy_safe_globals())
+    except UnsafeFileError as e:
+        raise CheckpointError(
+            f"checkpoint {e}. Checkpoints written by train.py and the authors' files hold only tensors and "
+            "plain values: use one of those, or re-save just the tensors of a file you trust.") from None
+    except Exception as e:  # truncated zip, text file, ...: all mean "unusable file"
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({describe_load_failure(e)}): the file is truncated (an "
+            "interrupted download or copy?) or is not a PyTorch checkpoint. Use another checkpoint of the run "
+            "or copy it again.") from None
+
+
+def _check_finite_weights(path: Path, weights: dict) -> None:
+    """A checkpoint of a diverged run evaluates to NaN scores; say so instead."""
+    bad = [k for k, v in weights.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(map(str, bad[:3])) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"checkpoint {path}: weights hold NaN/inf values ({shown}): the run had diverged "
+                              "when it was saved. Use a checkpoint of an earlier epoch (e.g. a .best_* file).")
 
 
 RESUME_KEYS = ("optimizer", "scheduler", "global_step", "bests", "best_epochs", "history", "rng")

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from utils.annotations import AnnotationError, load_annotations
+from utils.io import OutputError, atomic_write_json, check_writable_file  # numpy only; torch stays unimported
 from utils.metrics import (MAX_M_DURATION, compute_all, format_table, metrics_from_ranks,
                            ranked_music_ids, ranks_from_ranked_lists, smg_ious)
 from utils.track_prior import (CanonicalClip, canonical_clips, dataset_stats, format_stats, subset_masks,
@@ -125,6 +126,13 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
+def _finite(x: numbers.Real) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # a JSON integer beyond the float range (1e400 written out)
+        return False
+
+
 def _check_record(i: int, rec: Any, candidates: set[str]) -> tuple[str | None, list[str]]:
     """Return (video_id or None, problems) for entry i of the predictions."""
     if not isinstance(rec, Mapping):
@@ -142,8 +150,8 @@ def _check_record(i: int, rec: Any, candidates: set[str]) -> tuple[str | None, l
     for key in ("pred_st", "pred_ed"):
         if not _is_number(rec[key]):
             problems.append(f"{where}: {key} must be a number, got {rec[key]!r}")
-        elif not math.isfinite(rec[key]):
-            problems.append(f"{where}: {key} is {rec[key]} (NaN/inf)")
+        elif not _finite(rec[key]):
+            problems.append(f"{where}: {key} is {rec[key]!r:.40} (NaN/inf, or too large for a float)")
     if not problems and rec["pred_st"] > rec["pred_ed"]:
         problems.append(f"{where}: pred_st {rec['pred_st']} > pred_ed {rec['pred_ed']}")
     problems += _check_ranking(where, rec["ranked_music_ids"], candidates)
@@ -262,6 +270,10 @@ def load_predictions_json(path: str | os.PathLike) -> Any:
         raise EvaluationError(f"{p}: malformed JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
     except UnicodeDecodeError as exc:
         raise EvaluationError(f"{p}: not a UTF-8 text file ({exc.reason})") from None
+    except RecursionError:
+        raise EvaluationError(f"{p}: JSON nested too deeply to be a prediction list") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise EvaluationError(f"{p}: unreadable JSON ({str(exc).splitlines()[0]})") from None
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -293,6 +305,8 @@ def breakdown(gt_df: pd.DataFrame, rank0: Any, ious: Any, clips: Mapping[str, Ca
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
+    if args.metrics_json:  # an unwritable target is found before the evaluation, not after it
+        check_writable_file(args.metrics_json, "--metrics_json")
     gt_df = load_annotations(args.gt_csv, max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows)
     prior = None if args.prior_csv is None else load_annotations(
         args.prior_csv, max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows)
@@ -317,8 +331,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         print(format_table(subset_table(extra)))
         metrics = {**metrics, **extra}
     if args.metrics_json:
-        from utils.io import atomic_write_json  # lazy: utils.io imports torch (~2 s), only needed to write
-
         atomic_write_json(metrics, args.metrics_json)
         print(f"wrote {args.metrics_json}")
     return metrics
@@ -331,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--baseline track_prior needs --prior_csv (the split whose track usage is known)")
     try:
         run(args)
-    except (EvaluationError, AnnotationError, OSError) as exc:
+    except (EvaluationError, AnnotationError, OSError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -23,15 +23,25 @@ Packed layout (one folder per source folder, so strides are packed independently
     <root>/packed/vit_feature1/{feats.npy [N,50,512], masks.npy [N,50], ids.json, manifest.json}
     <root>/packed/ast_feature2p5/{feats.npy [M,96,768], masks.npy [M,96], ids.json, manifest.json}
 
-manifest.json is written last and records a fingerprint (count, sizes, mtimes) of the
-per-id source files; the store uses the packed copy only while that fingerprint still
-matches (or when the per-id files were removed), otherwise it warns and reads per-id.
+Integrity. A store is built in a staging folder and renamed into place at the end, so a
+failed rebuild (--force) leaves the previous store usable. manifest.json records a content
+digest (blake2b) of every per-id source file and of the store's own files, their stat
+(size, mtime, ctime, inode), and a digest of the manifest itself. Every open checks the
+cheap invariants: manifest digest, ids (unique strings, one per row), the arrays' dtype,
+shape and byte size; every read checks the rows it returns (finite, in range, 0/1 masks).
+Content digests are compared when something looks changed -- a store file's stat, or the
+per-id files' fingerprint (names, sizes, mtimes, ctimes, inodes: an in-place edit that
+restores the mtime still changes the ctime) -- and always with verify=True
+(`scripts/pack_features.py --verify`). A store whose per-id sources changed is ignored with
+a warning (the per-id files are read instead); a damaged store with no per-id files left
+is an error naming the store and the command that rebuilds it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,7 +51,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.io import atomic_open, atomic_save_npy, atomic_write_json
+from utils.io import (UnsafeFileError, atomic_open, atomic_save_npy, atomic_write_json, describe_load_failure,
+                      file_digest, manifest_digest, npy_header, stat_record, torch_load_plain)
 
 VIDEO_DIR = "vit_feature1"
 MUSIC_DIRS: dict[float, str] = {2.5: "ast_feature2p5", 5.0: "ast_feature5",
@@ -49,8 +60,12 @@ MUSIC_DIRS: dict[float, str] = {2.5: "ast_feature2p5", 5.0: "ast_feature5",
 VIDEO_DIM = 512
 MUSIC_DIM = 768
 PACKED_DIR = "packed"
-PACK_FORMAT = "mgsv-packed-v1"
+PACK_FORMAT = "mgsv-packed-v2"  # v2: content digests
 FP16_MAX = 65504.0
+# CLIP and AST embeddings stay within a few tens; values beyond this bound (a broken extractor,
+# wrong units) are finite but overflow the encoders' attention to NaN, which then shows up as
+# a NaN loss far from the file that caused it. It is also the float16 range (--amp, --fp16).
+MAX_ABS_FEATURE = FP16_MAX
 MAX_LISTED = 5  # paths/ids listed in an error before "... and N more"
 _README_HINT = "See features/README.md for the expected layout."
 
@@ -111,12 +126,14 @@ def music_modality(root: str | os.PathLike, stride: float = 2.5,
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_plain(path)
     except FileNotFoundError:
         raise FeatureError(f"{path}: file not found. {_README_HINT}") from None
-    except Exception as exc:  # truncated zip, not a torch file, pickle error, ...
+    except UnsafeFileError as exc:
+        raise FeatureError(f"{exc}. A feature file holds two tensors' worth of data only: re-extract it.") from None
+    except Exception as exc:  # truncated zip, not a torch file, ...
         raise FeatureError(
-            f"{path}: cannot be read as a torch tensor ({type(exc).__name__}: {exc}). The file is "
+            f"{path}: cannot be read as a torch tensor ({describe_load_failure(exc)}). The file is "
             "truncated or corrupt: re-extract it or unzip MGSV_feature.zip again.") from None
 
 
@@ -167,6 +184,11 @@ def validate_pair(feat: Any, mask: Any, modality: Modality, feat_path: Path,
     f = feat.detach().to(torch.float32).numpy()
     if not np.isfinite(f).all(axis=1)[valid].all():
         raise FeatureError(f"{feat_path}: contains NaN or inf values in valid rows. {fix}")
+    peak = float(np.abs(f[valid]).max())
+    if peak > MAX_ABS_FEATURE:
+        raise FeatureError(f"{feat_path}: values up to {peak:.3g} in valid rows, beyond +-{MAX_ABS_FEATURE:g}: "
+                           f"{modality.name} features stay far below that, and such values overflow the encoders "
+                           f"to NaN (a broken extractor?). {fix}")
     out = np.where(valid[:, None], f, np.float32(0.0))
     return torch.from_numpy(out), torch.from_numpy(valid.astype(np.float32))
 
@@ -264,8 +286,12 @@ class PackedSource:
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._feats is None or self._masks is None:
             files = self.manifest["files"]
-            self._feats = np.load(self.directory / files["feats"], mmap_mode="r")
-            self._masks = np.load(self.directory / files["masks"], mmap_mode="r")
+            try:  # np.load never unpickles (allow_pickle=False): an object array is refused here
+                self._feats = np.load(self.directory / files["feats"], mmap_mode="r")
+                self._masks = np.load(self.directory / files["masks"], mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise FeatureError(f"packed store {self.directory}: cannot read its arrays ({e}); rebuild it "
+                                   f"with {rebuild_command(self.modality)}.") from None
         return self._feats, self._masks
 
     def __getstate__(self) -> dict[str, Any]:
@@ -291,6 +317,15 @@ class PackedSource:
         feats, masks = self._arrays()
         f = np.asarray(feats[rows]).astype(np.float32, copy=False)
         m = np.asarray(masks[rows]).astype(np.float32, copy=False)
+        # Packing validated every row; what is read is checked again (~1 ms a batch), so a store
+        # damaged since then fails here with its name instead of turning into a NaN loss.
+        bad = ~(np.isfinite(f).all(axis=(1, 2)) & (np.abs(f).max(axis=(1, 2), initial=0.0) <= MAX_ABS_FEATURE)
+                & ((m == 0) | (m == 1)).all(axis=1))
+        if bad.any():
+            raise FeatureError(f"packed store {self.directory}: the rows of {self.modality.name} id(s) "
+                               f"{_listed([ids[i] for i in np.flatnonzero(bad)])} hold NaN/inf, out-of-range values "
+                               f"or a non-0/1 mask: the store is damaged. Rebuild it with "
+                               f"{rebuild_command(self.modality)}.")
         return torch.from_numpy(f), torch.from_numpy(m)
 
     def missing(self, ids: Sequence[str]) -> dict[str, list[str]]:
@@ -328,28 +363,33 @@ class UnavailableSource:
 # Packing
 
 
-def source_fingerprint(modality: Modality) -> dict[str, Any]:
-    """Count, total size, newest mtime and a hash of (name, size, mtime) of the per-id files.
-
-    One scandir per folder (~0.5 s for the 106k video files); used to tell whether a
-    packed store still matches its sources.
-    """
+def _source_entries(modality: Modality) -> list[tuple[str, os.stat_result]]:
     entries = []
     for sub in (modality.feat_sub, modality.mask_sub):
         try:
             with os.scandir(modality.base / sub) as it:
-                for e in it:
-                    if e.name.endswith(".pt"):
-                        st = e.stat()
-                        entries.append((f"{sub}/{e.name}", st.st_size, st.st_mtime_ns))
+                entries += [(f"{sub}/{e.name}", e.stat()) for e in it if e.name.endswith(".pt")]
         except FileNotFoundError:
             pass
-    entries.sort()
+    return sorted(entries, key=lambda e: e[0])
+
+
+def source_fingerprint(modality: Modality) -> dict[str, Any]:
+    """Count, total size, newest mtime and a hash of (name, size, mtime, ctime, inode) of the
+    per-id files. One scandir per folder (~0.5 s for the 106k video files). ctime and inode
+    are in it because nobody can set them back: an edit that keeps the size and restores the
+    mtime still changes the fingerprint (and so triggers the content check)."""
+    entries = _source_entries(modality)
     h = hashlib.sha1()
-    for name, size, mtime in entries:
-        h.update(f"{name}\0{size}\0{mtime}\n".encode())
-    return {"files": len(entries), "bytes": sum(e[1] for e in entries),
-            "mtime_ns_max": max((e[2] for e in entries), default=0), "sha1": h.hexdigest()}
+    for name, st in entries:
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
+    return {"files": len(entries), "bytes": sum(st.st_size for _, st in entries),
+            "mtime_ns_max": max((st.st_mtime_ns for _, st in entries), default=0), "sha1": h.hexdigest()}
+
+
+def source_digests(modality: Modality) -> dict[str, str]:
+    """{"vit_feature/<id>.pt": digest, ...} of every per-id file of `modality`."""
+    return {name: file_digest(modality.base / name) for name, _ in _source_entries(modality)}
 
 
 def _write_npy_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype,
@@ -370,8 +410,9 @@ def _write_npy_rows(path: Path, shape: tuple[int, ...], dtype: np.dtype,
 def pack_modality(modality: Modality, fp16: bool = False, progress: bool = True) -> dict[str, Any]:
     """Read (and validate) every per-id file of `modality`; write its packed store.
 
-    Files are written atomically, manifest.json last (and removed first), so an
-    interrupted run never leaves a store that looks complete. Returns the manifest.
+    The store is written into a staging folder beside the final one and swapped in at the
+    end: an interrupted or failed run (bad file, full disk) leaves the previous store, if
+    any, exactly as it was. Returns the manifest.
     """
     fingerprint = source_fingerprint(modality)  # before reading: later edits make it stale
     feat_ids = _list_ids(modality.base / modality.feat_sub)
@@ -384,11 +425,13 @@ def pack_modality(modality: Modality, fp16: bool = False, progress: bool = True)
         raise FeatureError(f"{len(unpaired)} {modality.name} id(s) have a feature without a mask or "
                            f"vice versa in {modality.base}: {_listed(unpaired)}. Restore or delete them.")
     ids = sorted(feat_ids)
-    out = modality.packed_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
+    final = modality.packed_dir
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     dtype = np.dtype(np.float16 if fp16 else np.float32)
     masks = np.zeros((len(ids), modality.rows), dtype=np.float32)
+    digests: dict[str, str] = {}
 
     def rows() -> Iterator[np.ndarray]:
         it: Iterable[str] = ids
@@ -400,48 +443,118 @@ def pack_modality(modality: Modality, fp16: bool = False, progress: bool = True)
             if fp16 and feat.abs().max().item() > FP16_MAX:
                 raise FeatureError(f"{modality.feat_path(item_id)}: values exceed the float16 range; "
                                    "pack without --fp16.")
+            for sub, path in ((modality.feat_sub, modality.feat_path(item_id)),
+                              (modality.mask_sub, modality.mask_path(item_id))):
+                digests[f"{sub}/{item_id}.pt"] = file_digest(path)
             masks[n] = mask.numpy()
             yield feat.numpy()
 
-    _write_npy_rows(out / "feats.npy", (len(ids), modality.rows, modality.dim), dtype, rows())
-    atomic_save_npy(masks, out / "masks.npy")
-    atomic_write_json(ids, out / "ids.json", indent=None)
-    manifest = {"format": PACK_FORMAT, "modality": modality.name, "source_dir": modality.base.name,
-                "num_items": len(ids), "rows": modality.rows, "dim": modality.dim,
-                "feats_dtype": dtype.name,
-                "files": {"feats": "feats.npy", "masks": "masks.npy", "ids": "ids.json"},
-                "source": fingerprint}
-    atomic_write_json(manifest, out / "manifest.json")
+    files = {"feats": "feats.npy", "masks": "masks.npy", "ids": "ids.json"}
+    try:
+        _write_npy_rows(staging / files["feats"], (len(ids), modality.rows, modality.dim), dtype, rows())
+        atomic_save_npy(masks, staging / files["masks"])
+        atomic_write_json(ids, staging / files["ids"], indent=None)
+        manifest = {"format": PACK_FORMAT, "modality": modality.name, "source_dir": modality.base.name,
+                    "num_items": len(ids), "rows": modality.rows, "dim": modality.dim,
+                    "feats_dtype": dtype.name, "files": files, "source": fingerprint, "source_digests": digests,
+                    "digests": {name: file_digest(staging / name) for name in files.values()},
+                    "stats": {name: stat_record(staging / name) for name in files.values()}}
+        manifest["manifest_digest"] = manifest_digest(manifest)
+        atomic_write_json(manifest, staging / "manifest.json")
+        _swap_into_place(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return manifest
 
 
-def open_packed(modality: Modality, warn: bool = True) -> PackedSource | None:
-    """The packed store of `modality` if present, complete and up to date, else None.
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished staging folder to `final`; a previous store is moved aside, then deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
-    A store whose per-id sources changed since packing is ignored with a warning. When
-    the per-id folders are gone entirely the packed copy is the only source and is used.
-    """
+
+def rebuild_command(modality: Modality) -> str:
+    return f"`python scripts/pack_features.py --frozen_feature_path {modality.base.parent} --force`"
+
+
+def _store_problem(modality: Modality, directory: Path, manifest: Any, verify: bool) -> str | None:
+    """What is wrong with a packed store (cheap invariants always, digests when due), or None."""
+    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        return f"of unknown format {found!r} (expected {PACK_FORMAT})"
+    if manifest.get("manifest_digest") != manifest_digest(manifest):
+        return "inconsistent: manifest.json was edited since packing"
+    if (manifest.get("rows"), manifest.get("dim")) != (modality.rows, modality.dim):
+        return (f"built for rows/dim {manifest.get('rows')}/{manifest.get('dim')}, not the expected "
+                f"{modality.rows}/{modality.dim}")
+    files, n = manifest["files"], manifest["num_items"]
+    if any(not (directory / name).is_file() for name in files.values()):
+        return "incomplete (a data file is missing)"
+    try:
+        ids = json.loads((directory / files["ids"]).read_text(encoding="utf-8"))
+        feats_shape, feats_dtype, feats_offset = npy_header(directory / files["feats"])
+        masks_shape, masks_dtype, masks_offset = npy_header(directory / files["masks"])
+    except (OSError, ValueError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids) and len(set(ids)) == len(ids) == n):
+        return f"inconsistent: {files['ids']} does not hold {n} distinct id strings"
+    expected = ((feats_shape, feats_dtype.name, feats_offset + feats_dtype.itemsize * n * modality.rows * modality.dim),
+                (masks_shape, masks_dtype.name, masks_offset + 4 * n * modality.rows))
+    found = ((feats_shape, feats_dtype.name, (directory / files["feats"]).stat().st_size),
+             (masks_shape, masks_dtype.name, (directory / files["masks"]).stat().st_size))
+    if found != ((( n, modality.rows, modality.dim), manifest["feats_dtype"], expected[0][2]),
+                 ((n, modality.rows), "float32", expected[1][2])):
+        return "inconsistent: the arrays' shape, dtype or size disagree with the manifest"
+    for name in files.values():
+        if verify or stat_record(directory / name) != manifest["stats"].get(name):
+            if file_digest(directory / name) != manifest["digests"].get(name):
+                return f"damaged: {name} changed since packing (its content digest differs)"
+    if modality.base.is_dir() and (verify or source_fingerprint(modality) != manifest["source"]):
+        if source_digests(modality) != manifest["source_digests"]:
+            return f"out of date: the per-id files in {modality.base} changed since packing"
+    return None
+
+
+def inspect_packed(modality: Modality, verify: bool = False) -> tuple[PackedSource | None, str | None]:
+    """(store, None) when the packed store of `modality` is usable, (None, what is wrong) when
+    it is present but unusable, (None, None) when there is none. verify=True compares every
+    content digest, whatever the files' stat says."""
     directory = modality.packed_dir
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
-        return None
-    with open(manifest_path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    redo = f"re-run `python scripts/pack_features.py --frozen_feature_path {modality.base.parent}`"
-    if manifest.get("format") != PACK_FORMAT:
-        problem = f"unknown format {manifest.get('format')!r}"
-    elif (manifest.get("rows"), manifest.get("dim")) != (modality.rows, modality.dim):
-        problem = (f"rows/dim {manifest.get('rows')}/{manifest.get('dim')} differ from the expected "
-                   f"{modality.rows}/{modality.dim}")
-    elif any(not (directory / name).is_file() for name in manifest["files"].values()):
-        problem = "incomplete (a data file is missing)"
-    elif modality.base.is_dir() and source_fingerprint(modality) != manifest["source"]:
-        problem = f"out of date: the per-id files in {modality.base} changed since packing"
-    else:
-        return PackedSource(modality, directory, manifest)
+        return None, None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        problem = _store_problem(modality, directory, manifest, verify)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # edited manifest of the wrong shape
+        problem = f"unreadable (manifest.json: {type(e).__name__}: {e})"
+    if problem is None:
+        return PackedSource(modality, directory, manifest), None
+    return None, problem
+
+
+def open_packed(modality: Modality, warn: bool = True, verify: bool = False) -> PackedSource | None:
+    """The packed store of `modality` if present and sound, else None (see the module docstring).
+
+    A store that is out of date or damaged is ignored with a warning while the per-id files
+    are there to read instead; without them it is a FeatureError naming the store."""
+    store, problem = inspect_packed(modality, verify)
+    if problem is None:
+        return store
+    message = f"packed store {modality.packed_dir} is {problem}"
+    if not modality.base.is_dir():
+        raise FeatureError(f"{message}, and it is the only copy of these features (no {modality.base}). Rebuild "
+                           f"it from the original per-id files with {rebuild_command(modality)}.")
     if warn:
-        warnings.warn(f"packed store {directory} is {problem}; reading per-id files instead. "
-                      f"To use the fast path, {redo}.", stacklevel=3)
+        warnings.warn(f"{message}; reading per-id files instead. To use the fast path, re-run "
+                      f"{rebuild_command(modality)}.", stacklevel=3)
     return None
 
 

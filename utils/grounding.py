@@ -80,7 +80,7 @@ import torch
 from utils.checkpoint import (adopt_checkpoint_config, jsonable_config, load_checkpoint,
                               load_model_weights, unwrap)
 from utils.engine import foreground_index, spans_to_seconds, top_moment
-from utils.io import atomic_open, atomic_save_npy, atomic_write_json
+from utils.io import atomic_open, atomic_save_npy, atomic_write_json, describe_load_failure, torch_load_plain
 from utils.metrics import clip_moments, moment_iou
 
 INDEX_FORMAT = "mgsv-music-index/1"
@@ -223,10 +223,9 @@ def _load_tensor(path: Path, what: str) -> torch.Tensor:
     if not path.is_file():
         raise GroundingError(f"{what} {path}: file not found")
     try:
-        x = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GroundingError(f"{what} {path}: cannot be read as a torch tensor "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        x = torch_load_plain(path)
+    except Exception as e:  # refused pickled object, truncated file, not a torch file
+        raise GroundingError(f"{what} {path}: cannot be read as a torch tensor ({describe_load_failure(e)})") from None
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not torch.is_tensor(x):
@@ -272,6 +271,11 @@ def prepare_video(feat: torch.Tensor, mask: torch.Tensor | None = None, num_fram
             raise GroundingError(f"{name}: contains NaN or inf values in valid frames")
     if not mask.any():
         raise GroundingError(f"{name}: no valid frame (all rows are zero or masked out)")
+    from utils.features import MAX_ABS_FEATURE
+    peak = float(feat[mask.bool()].abs().max())
+    if peak > MAX_ABS_FEATURE:
+        raise GroundingError(f"{name}: values up to {peak:.3g}, beyond +-{MAX_ABS_FEATURE:g}; CLIP features stay far "
+                             "below that and such values overflow the model to NaN (a broken extractor?)")
     out = torch.zeros(num_frames, 512)
     out_mask = torch.zeros(num_frames)
     out[: feat.shape[0]] = feat.masked_fill(~mask.bool()[:, None], 0.0)
@@ -471,7 +475,13 @@ def encode_tracks(gm: GroundingModel, music_feats: torch.Tensor,
 
 
 def check_out_folder(out: Path, overwrite: bool) -> None:
-    """An existing index is replaced only with overwrite; anything else there is never touched."""
+    """An existing index is replaced only with overwrite; anything else there is never touched.
+    The folder that will hold it must take new files (checked before any encoding)."""
+    from utils.io import OutputError, check_writable_dir
+    try:
+        check_writable_dir(out.parent, f"--out {out}: the folder that holds it,")
+    except OutputError as e:
+        raise GroundingError(str(e)) from None
     if not out.exists():
         return
     if not overwrite:
@@ -734,6 +744,18 @@ def open_index(path: str | os.PathLike, gm: GroundingModel | None = None) -> Mus
         raise GroundingError(f"{path}: incomplete or corrupt index ({type(e).__name__}: {e}); rebuild it") from None
     if len(ids) != n or library.durations.shape != (n,) or tracks.m.shape[0] != n or len(library.block_rows) != n:
         raise GroundingError(f"{path}: arrays disagree with the {n} tracks of the manifest; rebuild it")
+    if len(set(ids)) != n:
+        raise GroundingError(f"{path}: music_ids.json repeats ids; the index is damaged: rebuild it with "
+                             "scripts/build_music_index.py")
+    # The per-track arrays are small (N x d); a NaN there would make a track's score NaN, and a
+    # NaN score never ranks, so the track would vanish from every result without a word.
+    for name, array in (("m.npy", tracks.m), ("mask.npy", tracks.mask), ("durations.npy", library.durations),
+                        ("block_consts.npy", library.block_consts)):
+        finite = np.isfinite(np.asarray(array, dtype=np.float64).reshape(n, -1)).all(axis=1) if n else []
+        if not np.all(finite):
+            bad = [ids[i] for i in np.flatnonzero(~np.asarray(finite))[:3]]
+            raise GroundingError(f"{path / name}: NaN/inf values for track(s) {', '.join(bad)}; the index is damaged: "
+                                 "rebuild it with scripts/build_music_index.py")
     return library
 
 
@@ -891,6 +913,9 @@ def two_stage_scores(gm: GroundingModel, library: MusicLibrary, v: torch.Tensor,
 def top_by_score(scores: torch.Tensor, rows: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the k best (row, score), ties broken by the lower row (= test.py's column order)."""
     s = scores.double().cpu().numpy()
+    if not np.isfinite(s).all():  # a NaN score never ranks: its track would vanish silently
+        raise GroundingError("the index gives NaN/inf scores for some tracks: its token, key or Gram arrays are "
+                             "damaged; rebuild it with scripts/build_music_index.py")
     cols = np.broadcast_to(np.arange(s.shape[1]), s.shape) if rows is None else rows
     k = min(k, s.shape[1])
     top_rows = np.empty((s.shape[0], k), dtype=np.int64)

@@ -12,6 +12,7 @@ Fidelity-fix flags (default = the original's behaviour) are listed in model/DIFF
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 
@@ -60,16 +61,24 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """numpy seeds are 0 <= seed < 2**32; anything else failed with a traceback in np.random.seed."""
+    value = _number(text, int)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _number(text, float)
-    if not value > 0:
+    if not 0 < value < math.inf:  # inf passes "> 0" and breaks later (int(inf) windows, inf rates)
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
 def nonneg_float(text: str) -> float:
     value = _number(text, float)
-    if not value >= 0:
+    if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
@@ -226,7 +235,7 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
                    help="evaluate (train: on --val_csv every epoch)")
     g.add_argument("--start_epoch", type=nonneg_int, default=0)
     g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=seed_int, default=42)
     g.add_argument("--batch_size_train", type=positive_int, default=512)
     g.add_argument("--batch_size_val", type=positive_int, default=40)
     g.add_argument("--num_workers", type=nonneg_int, default=32, help="data loader workers (capped at the CPU count)")

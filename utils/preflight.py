@@ -47,6 +47,13 @@ USER_ERRORS = (
     ("utils.evaluate", "EvaluationError"),
     ("utils.preflight", "RunDirError"),
     ("utils.preflight", "ConfigError"),
+    ("utils.io", "OutputError"),
+    ("utils.io", "UnsafeFileError"),
+)
+# Failures of a run that had started correctly (a checkpoint write on a full disk): one paragraph
+# too, but exit status 1, as a run that failed rather than input that was refused.
+RUN_FAILURES = (
+    ("utils.io", "WriteError"),
 )
 
 
@@ -59,13 +66,13 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------ errors
-def is_user_error(exc: BaseException) -> bool:
-    """True for the project's own input errors (see USER_ERRORS).
+def is_user_error(exc: BaseException, classes: Sequence[tuple[str, str]] = USER_ERRORS) -> bool:
+    """True for the project's own input errors (see USER_ERRORS, or `classes`).
 
     Looked up in sys.modules rather than imported: a module that was never imported cannot
     have raised, and importing it here would load torch just to print a message.
     """
-    for module_name, class_name in USER_ERRORS:
+    for module_name, class_name in classes:
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
         if cls is not None and isinstance(exc, cls):
@@ -104,10 +111,13 @@ def run_cli(main: Callable[[], int]) -> int:
     try:
         return main()
     except Exception as e:
-        if not is_user_error(e):
-            raise
-        report_user_error(e, get_logger())
-        return 2
+        if is_user_error(e):
+            report_user_error(e, get_logger())
+            return 2
+        if is_user_error(e, RUN_FAILURES):
+            report_user_error(e, get_logger())
+            return 1
+        raise
 
 
 # ------------------------------------------------------------------ run folders
@@ -233,3 +243,37 @@ def check_batch_size(num_rows: int, batch_size: int, world_size: int, csv_path: 
             f"{f' over {world_size} processes' if world_size > 1 else ''}); incomplete batches are dropped, "
             "so no training step would run. Lower --batch_size_train.")
     return per_rank
+
+
+# ------------------------------------------------------------------ evaluation outputs
+def evaluation_dir(checkpoint: Path, output_dir: str | os.PathLike, sub: str) -> Path:
+    """Where test.py writes its log and --save_json predictions: <checkpoint's folder>/<sub> as
+    always when that folder is writable, else <output_dir>/<sub> (a checkpoint in a read-only
+    folder -- a shared model store, a mounted download -- must still be evaluable)."""
+    from utils.io import OutputError, check_writable_dir
+    beside = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / sub
+    try:
+        check_writable_dir(beside)
+        return beside
+    except OutputError:
+        fallback = Path(output_dir) / sub
+        check_writable_dir(fallback, f"the checkpoint's folder is read-only, and --output_dir {output_dir}: folder")
+        return fallback
+
+
+def prediction_identity(checkpoint: Path, csv_path: str | os.PathLike, config: dict) -> str:
+    """10 hex digits naming one evaluation: the checkpoint's and the CSV's content and the settings.
+
+    --save_json files carry it, so evaluating two CSVs of the same file name (or two checkpoints
+    of the same epoch) writes two files instead of silently replacing one with the other, while
+    re-running the very same evaluation rewrites its own file."""
+    import hashlib
+    import json
+    h = hashlib.blake2b(digest_size=5)
+    for path in (Path(checkpoint), Path(csv_path)):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return h.hexdigest()

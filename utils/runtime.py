@@ -42,7 +42,11 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state, as values a weights-only torch.load rebuilds: numpy's key array is stored
+    as a list of ints (np.random.set_state takes either), so a checkpoint needs no numpy globals."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
