@@ -129,7 +129,8 @@ class MaDe(nn.Module):
 
         # Detection.
         if cfg.moment_head == "boundary":   # replaces the whole DETR detector
-            self.boundary_head = BoundaryHead(d, cfg.stride, cfg.max_m_duration, foreground=cfg.foreground)
+            self.boundary_head = BoundaryHead(cfg.video_dim, cfg.music_dim, cfg.stride, cfg.max_m_duration,
+                                              foreground=cfg.foreground)
             return
         self.transformer = Transformer(d, cfg.detr_nheads, cfg.enc_layers, cfg.dec_layers, cfg.detr_ffn,
                                        cfg.detr_dropout, cfg.pre_norm, cfg.decoder_self_attn)
@@ -192,20 +193,23 @@ class MaDe(nn.Module):
 
     # ------------------------------------------------------------------ detection
     def detect(self, Fv: Tensor, frame_mask: Tensor, Sm: Tensor, music_mask: Tensor, v: Tensor, m: Tensor,
-               query_content: Tensor | None = None, v_duration: Tensor | None = None) -> dict:
+               query_content: Tensor | None = None, v_duration: Tensor | None = None,
+               frame_feats: Tensor | None = None, music_feats: Tensor | None = None) -> dict:
         """Moment detection on (video, its music) pairs.
 
         Returns pred_logits [B, Q, 2], pred_spans [B, Q, 2] (center, width) in (0, 1) of
         max_m_duration, aux_outputs (one dict per earlier decoder layer), and, with the
         contrastive heads, proj_queries [B, Q, c] and proj_vid_mem [B, Lv, c].
         query_content [B, d] is needed for --moment_query_type xpool; v_duration [B] (seconds)
-        for --predict_center 1.
+        for --predict_center 1. The boundary head reads the input features instead of the tokens
+        (frame_feats [B, Lv, 512], music_feats [B, Lm, 768]) and needs v_duration.
         """
         cfg = self.cfg
         if cfg.moment_head == "boundary":
-            if v_duration is None:
-                raise ValueError("--moment_head boundary needs v_duration (the moment lasts as long as the video)")
-            return self.boundary_head(Fv, frame_mask, Sm, music_mask, v_duration)
+            if v_duration is None or frame_feats is None or music_feats is None:
+                raise ValueError("--moment_head boundary needs v_duration (the moment lasts as long as the "
+                                 "video) and the input features (it reads them directly)")
+            return self.boundary_head(frame_feats, frame_mask, music_feats, music_mask, v_duration)
         src = torch.cat([Fv, Sm], dim=1)
         mask = torch.cat([frame_mask, music_mask], dim=1).to(src.dtype)
         if cfg.separate_positions:
@@ -276,7 +280,8 @@ class MaDe(nn.Module):
         # (--moment_query_type xpool: the mean over the LOCAL batch's videos, also under torchrun.)
         query_content = pooled.mean(dim=1) if self.cfg.moment_query_type == "xpool" else None
         detection = self.detect(Fv, batch["frame_mask"], Sm, batch["music_mask"], v, m,
-                                query_content=query_content, v_duration=batch.get("v_duration"))
+                                query_content=query_content, v_duration=batch.get("v_duration"),
+                                frame_feats=batch["frame_feats"], music_feats=batch["music_feats"])
         sims = (self._global_similarities(v, m, Sm, batch["music_mask"]) if global_batch
                 else self._similarities(v, m, pooled))
         return {"video_emb": v, "music_emb": m, "frame_tokens": Fv, "snippet_tokens": Sm,

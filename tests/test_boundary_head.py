@@ -33,13 +33,13 @@ def test_targets_are_two_hot_around_the_start() -> None:
 
 def test_output_contract_and_decoding() -> None:
     torch.manual_seed(0)
-    head = BoundaryHead(d_model=16, stride=2.5, max_m_duration=240.0).eval()
+    head = BoundaryHead(video_dim=16, music_dim=24, stride=2.5, max_m_duration=240.0).eval()
     b, lv, lm = 3, 50, 96
     frame_mask = torch.zeros(b, lv)
     frame_mask[:, :21] = 1
     music_mask = torch.zeros(b, lm)
     music_mask[:, :40] = 1
-    out = head(torch.randn(b, lv, 16), frame_mask, torch.randn(b, lm, 16), music_mask,
+    out = head(torch.randn(b, lv, 16), frame_mask, torch.randn(b, lm, 24), music_mask,
                torch.tensor([20.0, 20.0, 20.0], dtype=torch.float64))
     assert out["pred_logits"].shape == (b, 1, 2) and out["pred_spans"].shape == (b, 1, 2)
     assert out["start_logits"].shape == (b, lm) and out["aux_outputs"] == []

@@ -354,6 +354,7 @@ def load_query_csv(csv_path: str | os.PathLike, feature_root: str | os.PathLike,
 # tests/test_grounding.py pins both against model.score_videos on a freshly built index.
 
 KEYS_FILE, GRAM_FILE, TOKENS_FILE = "xpool_keys.bin", "xpool_gram.bin", "tokens.bin"
+HEAD_KEYS_FILE = "head_keys.bin"   # the boundary head's music keys (model/boundary_head.py), same rows as tokens
 BLOCK_COLUMNS = ("first", "count", "length", "key_start", "gram_start")  # per row of blocks.npy
 INDEX_GROUP = 1024   # tracks per index_music call while building (a multiple of the block size 16)
 
@@ -425,20 +426,31 @@ class _TrackStore:
     """Per-track arrays in library row order: m [N, d], mask [N, L] and the snippet tokens of
     valid snippets only (ragged: tracks average ~60 % of the 96 windows), rebuilt zero-padded."""
 
-    def __init__(self, m: np.ndarray, mask: np.ndarray, offsets: np.ndarray, tokens: np.ndarray):
-        self.m, self.mask, self.offsets, self.tokens = m, mask, offsets, tokens
+    def __init__(self, m: np.ndarray, mask: np.ndarray, offsets: np.ndarray, tokens: np.ndarray,
+                 head_keys: np.ndarray | None = None):
+        self.m, self.mask, self.offsets, self.tokens, self.head_keys = m, mask, offsets, tokens, head_keys
 
     def get(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(m [k, d], Sm [k, L, d] padded rows 0, mask [k, L]) float32 for library rows `rows`."""
         rows = np.asarray(rows, dtype=np.int64)
         mask = np.asarray(self.mask[rows], dtype=np.float32)
+        m = np.asarray(self.m[rows], dtype=np.float32)
+        return (torch.from_numpy(m).to(device), self._padded(self.tokens, rows, mask, device),
+                torch.from_numpy(mask).to(device))
+
+    def get_head_keys(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boundary-head music keys [k, L, p+1] padded rows 0, mask [k, L]) for library rows `rows`."""
+        rows = np.asarray(rows, dtype=np.int64)
+        mask = np.asarray(self.mask[rows], dtype=np.float32)
+        return self._padded(self.head_keys, rows, mask, device), torch.from_numpy(mask).to(device)
+
+    def _padded(self, values: np.ndarray, rows: np.ndarray, mask: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Per-snippet rows of `values` (stored for valid snippets only) rebuilt as [k, L, width]."""
         n = self.offsets[rows + 1] - self.offsets[rows]
         src = np.repeat(self.offsets[rows], n) + _ranges(n)
-        sm = np.zeros((len(rows), mask.shape[1], self.tokens.shape[1]), dtype=np.float32)
-        sm[mask > 0] = self.tokens[src]  # row-major order of mask > 0 = valid snippets track by track
-        m = np.asarray(self.m[rows], dtype=np.float32)
-        return (torch.from_numpy(m).to(device), torch.from_numpy(sm).to(device),
-                torch.from_numpy(mask).to(device))
+        out = np.zeros((len(rows), mask.shape[1], values.shape[1]), dtype=np.float32)
+        out[mask > 0] = values[src]  # row-major order of mask > 0 = valid snippets track by track
+        return torch.from_numpy(out).to(device)
 
 
 def _ranges(n: np.ndarray) -> np.ndarray:
@@ -467,11 +479,14 @@ def _index_order(gm: GroundingModel, mask: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def encode_tracks(gm: GroundingModel, music_feats: torch.Tensor,
-                  music_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(m, Sm, mask) of a chunk of tracks from their AST features [n, Lm, 768], [n, Lm]."""
+                  music_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(m, Sm, mask) of a chunk of tracks from their AST features [n, Lm, 768], [n, Lm], plus the
+    boundary head's music keys for a --moment_head boundary model."""
     mask = music_mask.to(gm.device, torch.float32)
-    m, tokens = gm.model.encode_music(music_feats.to(gm.device, torch.float32), mask)
-    return m, tokens, mask
+    feats = music_feats.to(gm.device, torch.float32)
+    m, tokens = gm.model.encode_music(feats, mask)
+    head = getattr(gm.model, "boundary_head", None)
+    return (m, tokens, mask) if head is None else (m, tokens, mask, head.music_keys(feats) * mask[..., None])
 
 
 def check_out_folder(out: Path, overwrite: bool) -> None:
@@ -505,11 +520,15 @@ def _write_tracks(staging: Path, chunks: Iterable[tuple[torch.Tensor, torch.Tens
                   num_tracks: int, dtype: np.dtype) -> tuple[_TrackStore, dict]:
     """Pass 1: global embeddings, masks and valid snippet tokens, in library row order."""
     tokens = _Appender(staging / TOKENS_FILE, dtype)
+    head_keys = None
     m_rows, mask_rows, counts = [], [], []
-    for m, sm, mask in chunks:
+    for m, sm, mask, *extra in chunks:
         _check_padding_zero(sm, mask)
         mask_np = mask.float().cpu().numpy()
         tokens.add(sm.float().cpu().numpy()[mask_np > 0])
+        if extra:   # the boundary head's music keys, stored like the tokens
+            head_keys = head_keys or _Appender(staging / HEAD_KEYS_FILE, np.dtype(np.float32))
+            head_keys.add(extra[0].float().cpu().numpy()[mask_np > 0])
         m_rows.append(m.float().cpu().numpy())
         mask_rows.append(mask_np)
         counts.append((mask_np > 0).sum(1))
@@ -522,6 +541,8 @@ def _write_tracks(staging: Path, chunks: Iterable[tuple[torch.Tensor, torch.Tens
     atomic_save_npy(mask_all, staging / "mask.npy")
     atomic_save_npy(offsets, staging / "token_offsets.npy")
     info = {"tokens": tokens.close()}
+    if head_keys is not None:
+        info["head_keys"] = head_keys.close()
     store = _TrackStore(m_all, mask_all, offsets, _open_raw(staging, info["tokens"]))
     return store, info
 
@@ -730,7 +751,8 @@ def open_index(path: str | os.PathLike, gm: GroundingModel | None = None) -> Mus
         ids = [str(i) for i in json.loads((path / "music_ids.json").read_text(encoding="utf-8"))]
         load = lambda name: np.load(path / name, mmap_mode="c").view(np.ndarray)  # noqa: E731
         tracks = _TrackStore(load("m.npy"), load("mask.npy"), np.load(path / "token_offsets.npy"),
-                             _open_raw(path, arrays["tokens"]))
+                             _open_raw(path, arrays["tokens"]),
+                             _open_raw(path, arrays["head_keys"]) if "head_keys" in arrays else None)
         has_blocks = (path / "blocks.npy").is_file()
         n = manifest["num_tracks"]
         library = MusicLibrary(
@@ -934,8 +956,14 @@ def top_by_score(scores: torch.Tensor, rows: np.ndarray | None, k: int) -> tuple
 
 @torch.no_grad()
 def detect_pairs(gm: GroundingModel, library: MusicLibrary, Fv: torch.Tensor, frame_mask: torch.Tensor,
-                 v: torch.Tensor, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Moments (seconds, clipped to each track) and foreground probabilities of (query, row) pairs."""
+                 v: torch.Tensor, query: np.ndarray, rows: np.ndarray,
+                 frame_feats: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Moments (seconds, clipped to each track) and foreground probabilities of (query, row) pairs.
+    frame_feats (the queries' CLIP frames) is needed by a --moment_head boundary model."""
+    head = getattr(gm.model, "boundary_head", None)
+    if head is not None and (library.tracks.head_keys is None or frame_feats is None):
+        raise GroundingError(f"{library.path}: a --moment_head boundary model needs an index with its music "
+                             "keys and the query's frames: rebuild the index with scripts/build_music_index.py")
     if getattr(gm.model.cfg, "moment_query_type", "video") == "xpool":
         raise GroundingError("--moment_query_type xpool depends on the other videos of a batch; "
                              "the grounding tools support the paper's 'video' (and music/zero) queries")
@@ -943,9 +971,14 @@ def detect_pairs(gm: GroundingModel, library: MusicLibrary, Fv: torch.Tensor, fr
     se_all, conf_all = [], []
     for lo in range(0, len(rows), DETECT_CHUNK):
         q = torch.from_numpy(query[lo: lo + DETECT_CHUNK]).to(gm.device)
-        m, sm, mask = library.tracks.get(rows[lo: lo + DETECT_CHUNK], gm.device)
-        # --predict_center 1 needs the video length: 1 frame per second.
-        det = gm.model.detect(Fv[q], frame_mask[q], sm, mask, v[q], m, v_duration=frame_mask[q].sum(1))
+        # --predict_center 1 and the boundary head need the video length: 1 frame per second.
+        if head is not None:
+            keys, mask = library.tracks.get_head_keys(rows[lo: lo + DETECT_CHUNK], gm.device)
+            det = head.from_keys(head.video_keys(frame_feats[q]), frame_mask[q], keys, mask,
+                                 v_duration=frame_mask[q].sum(1))
+        else:
+            m, sm, mask = library.tracks.get(rows[lo: lo + DETECT_CHUNK], gm.device)
+            det = gm.model.detect(Fv[q], frame_mask[q], sm, mask, v[q], m, v_duration=frame_mask[q].sum(1))
         span, prob = top_moment(det, fg)
         se_all.append(spans_to_seconds(span, gm.max_m_duration).double().cpu().numpy())
         conf_all.append(prob.double().cpu().numpy())
@@ -1056,7 +1089,7 @@ def _ground_batch(gm: GroundingModel, library: MusicLibrary, feats: torch.Tensor
     top_rows, top_scores = top_by_score(scores, cand_rows, topk)
     gt_rows = [library.row_of(g) if g is not None else None for g in gt_ids]
     pair_query, pair_row, slot = _detection_pairs(top_rows, gt_rows)
-    se, conf = detect_pairs(gm, library, Fv, masks, v, pair_query, pair_row)
+    se, conf = detect_pairs(gm, library, Fv, masks, v, pair_query, pair_row, frame_feats=feats)
     # The query's length, for trimming canonical clips: the GT moment's when known, else from its
     # 1-fps frames (n frames at whole seconds 0..floor(L): L in [n-1, n), the middle taken).
     lengths = [(m[1] - m[0]) if m is not None else float(masks[i].sum()) - 0.5 for i, m in enumerate(gt_moments)]
