@@ -43,3 +43,15 @@ table = {n: json.load(open(f"{out}/metrics_{n}.json")) for n in names}
 print("\nTest split of the synthetic data (R@k and IoU@k in %, mIoU as a fraction):\n")
 print(format_table(table))
 PY
+
+# The grounding page (scripts/app.py --demo): an index of the test split's tracks, and synthesised
+# audio/video for a few test queries and the tracks the model returns for them, so that its
+# players and its preview button have media to work with.
+APP_RUN=$(ls -td "${OUT}"/logs/*/*+demo | head -n 1)
+echo "== grounding page: music index and demo media"
+python scripts/build_music_index.py --load_uni_model_path "${APP_RUN}/pytorch_model.bin.best_r1" \
+    --frozen_feature_path "${FEATURES}" --music_ids "${DATA}/test_data.csv" --out "${OUT}/music.index" \
+    --device "${DEVICE}" --overwrite --quiet
+python scripts/make_demo_media.py --demo "${OUT}" --queries 6 --topk 5 \
+    --load_uni_model_path "${APP_RUN}/pytorch_model.bin.best_r1" --index "${OUT}/music.index"
+echo "Try it in a browser: python scripts/app.py --demo ${OUT}   (then open http://127.0.0.1:7860)"
