@@ -104,3 +104,12 @@ def _locator(root: str | os.PathLike | None, csvs: Iterable[str | os.PathLike | 
             paths.setdefault(item_id, value)
         base = base or Path(csv).parent
     return MediaLocator(root, extensions, paths, base if root is None else None)
+
+
+def index_source_csv(manifest: dict) -> str | None:
+    """The CSV an index was built from (build_music_index.py --music_ids), when it was a CSV and is still
+    there: its music_path column tells where each track's audio lives."""
+    source = manifest.get("music_ids_source")
+    if not isinstance(source, str) or not source.lower().endswith(".csv") or not Path(source).is_file():
+        return None
+    return source
