@@ -253,9 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     blocks = build_page(page)
     # One request at a time: grounding already uses the machine's cores, and requests stay in order.
     blocks.queue(default_concurrency_limit=1)
-    blocks.launch(server_name="127.0.0.1", server_port=args.port, share=False, inbrowser=False, quiet=True,
-                  allowed_paths=[str(Path(cfg.out_dir).resolve())], ssr_mode=False, show_error=False,
-                  prevent_thread_lock=True)
+    try:
+        blocks.launch(server_name="127.0.0.1", server_port=args.port, share=False, inbrowser=False, quiet=True,
+                      allowed_paths=[str(Path(cfg.out_dir).resolve())], ssr_mode=False, show_error=False,
+                      prevent_thread_lock=True)
+    except OSError:  # Gradio's own message names its environment variables, not our flag
+        raise ValueError(f"cannot serve on 127.0.0.1:{args.port}: the port is in use (or not allowed); "
+                         "pass another --port") from None
     print(f"serving on http://127.0.0.1:{args.port} (Ctrl+C stops)", flush=True)
     blocks.block_thread()
     return 0
@@ -273,18 +277,8 @@ def run(argv: list[str] | None = None) -> int:
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # e.g. the port is taken
-        print(f"error: cannot serve on 127.0.0.1:{args_port(argv)}: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 0
-
-
-def args_port(argv: list[str] | None) -> int:
-    try:
-        return get_parser().parse_args(argv).port
-    except SystemExit:
-        return -1
 
 
 if __name__ == "__main__":

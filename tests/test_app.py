@@ -265,3 +265,16 @@ def test_bad_arguments_are_one_line(args: list[str], phrase: str, capsys: pytest
     assert load_script("app").run(args) == 2
     err = capsys.readouterr().err
     assert phrase in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_port_in_use_is_one_line(tiny_demo: dict) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "scripts/app.py", "--demo", str(tiny_demo["root"]), "--port", str(port),
+                               "--device", "cpu"], cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"error: cannot serve on 127.0.0.1:{port}: the port is in use (or not allowed); " \
+                                  "pass another --port"
