@@ -278,3 +278,20 @@ def test_port_in_use_is_one_line(tiny_demo: dict) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip() == f"error: cannot serve on 127.0.0.1:{port}: the port is in use (or not allowed); " \
                                   "pass another --port"
+
+
+def test_unexpected_errors_become_a_message(capsys: pytest.CaptureFixture) -> None:
+    """A bug in a handler must not leave the page without an answer: the user gets a line, the log the details."""
+    app = load_script("app")
+
+    def broken(_: str) -> list:
+        raise RuntimeError("index row out of range")
+
+    def bad_input(_: str) -> list:
+        raise FileNotFoundError("clip.mp4: file not found")
+
+    assert app.guarded(broken, lambda text: [text])("x") == \
+        ["**Error:** unexpected RuntimeError: index row out of range (details in the server log)"]
+    assert "Traceback" in capsys.readouterr().err
+    assert app.guarded(bad_input, lambda text: [text])("x") == ["**Error:** clip.mp4: file not found"]
+    assert capsys.readouterr().err == ""
