@@ -115,8 +115,8 @@ def table(shown: Shown) -> tuple[list[str], list[list]]:
     headers += ["audio"]
     rows = []
     for hit, audio in zip(hits, shown.audio):
-        row = [hit.rank, hit.music_id, round(hit.score, 4), format_moment(hit.start, hit.end),
-               round(hit.confidence, 3), f"{hit.duration:.1f} s"]
+        row = [hit.rank, hit.music_id, f"{hit.score:.4f}", format_moment(hit.start, hit.end),
+               f"{hit.confidence:.3f}", f"{hit.duration:.1f} s"]
         if with_canonical:
             c = canonical(hit)
             row.append(f"{format_moment(c[0], c[1])} ({c[2]} use{'s' * (c[2] != 1)})" if c else "–")
