@@ -16,8 +16,8 @@ Output: the top-k tracks (score, the model's moment, confidence, and the track's
 when the index holds usage history), the timeline plot of ground.py --plot, and an audio player
 cut to the moment for each track whose audio file is found (the music_path column of the CSV the
 index was built from or of --queries, looked up as written and under --music_dir, else
-<music_dir>/<music_id>.<ext>). "Preview" renders the query's video (the upload, or
-<video_dir>/<video_id>.<ext> for a picked query) with the chosen track's moment as its soundtrack
+<music_dir>/<music_id>.<ext>). "Preview" renders the query's video (the upload, or for a picked
+query its CSV video_path or <video_dir>/<video_id>.<ext>) with the chosen track's moment as its soundtrack
 (utils/render.py), shown in the page and downloadable. Plots, clips and previews are written to
 --out_dir.
 
@@ -70,7 +70,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_weights", default=None,
                    help="OpenAI CLIP ViT-B/32 checkpoint for uploads (default model/pretrained_models/ViT-B-32.pt)")
     p.add_argument("--music_dir", default=None, help="folder of the tracks' audio files")
-    p.add_argument("--video_dir", default=None, help="folder of the --queries videos (<video_id>.<ext>)")
+    p.add_argument("--video_dir", default=None,
+                   help="folder of the --queries videos (<video_id>.<ext>; default: the CSV's folder)")
     p.add_argument("--out_dir", default=None, help="plots, moment clips and previews (default app_out)")
     p.add_argument("--topk", type=int, default=5, help=f"tracks shown per query (1..{MAX_TOPK})")
     p.add_argument("--fade", type=float, default=0.3, help="fade in/out of clips and previews (s)")

@@ -57,7 +57,7 @@ class PageConfig:
     feature_root: str | None = None      # frozen CLIP features of those queries
     clip_weights: str | None = None      # for uploads; default model/pretrained_models/ViT-B-32.pt
     music_dir: str | None = None         # tracks' audio (see utils.media_paths.music_locator)
-    video_dir: str | None = None         # the CSV queries' own videos, for previews
+    video_dir: str | None = None         # the CSV queries' own videos, for previews (see query_video)
     out_dir: str = "app_out"
     topk: int = 5
     device: str = "auto"
@@ -170,7 +170,8 @@ class GroundingPage:
         check_index_matches(self.library.manifest, self.gm, cfg.index)
         say(f"model and index of {len(self.library)} tracks ready in {time.time() - t0:.1f} s")
         self.music = music_locator(cfg.music_dir, [index_source_csv(self.library.manifest), cfg.queries_csv])
-        self.videos = video_locator(cfg.video_dir, [cfg.queries_csv]) if cfg.video_dir else None
+        # A query's video: the CSV's video_path column, else <video_dir (default: the CSV's folder)>/<id>.<ext>.
+        self.videos = video_locator(cfg.video_dir, [cfg.queries_csv]) if cfg.queries_csv else None
         self._clip = None
 
     # -------------------------------------------------------------------------------------- queries
@@ -191,6 +192,7 @@ class GroundingPage:
         return df.drop_duplicates("video_id").set_index("video_id", drop=False)
 
     def query_video(self, video_id: str) -> Path | None:
+        """The video file of a CSV query, when there is one (only those can be previewed)."""
         return self.videos.find(video_id) if self.videos is not None else None
 
     def query_choices(self) -> list[tuple[str, str]]:
