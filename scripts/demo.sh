@@ -57,3 +57,17 @@ print("\nSmG mIoU by how the track is used in training: seen / unseen track, and
       "moment on / off the track's canonical start (videos in brackets):\n")
 print(format_table({k: {f"mIoU {s} ({n[s]})": v.get(f"{s}/mIoU") for s in SUBSETS} for k, v in table.items()}))
 PY
+
+# The grounding page (scripts/app.py --demo): an index of the test split's tracks, and synthesised
+# audio/video for a few test queries and the tracks the model returns for them, so that its
+# players and its preview button have media to work with.
+# The last model trained (the boundary head with the default DEMO_HEADS); the index keeps each
+# track's canonical clip in the training CSV, which the page shows beside the model's moment.
+APP_RUN=$(ls -td "${OUT}"/logs/*/*+demo-* | head -n 1)
+echo "== grounding page: music index and demo media"
+python scripts/build_music_index.py --load_uni_model_path "${APP_RUN}/pytorch_model.bin.best_r1" \
+    --frozen_feature_path "${FEATURES}" --music_ids "${DATA}/test_data.csv" --out "${OUT}/music.index" \
+    --prior_csv "${DATA}/train_data.csv" --device "${DEVICE}" --overwrite --quiet
+python scripts/make_demo_media.py --demo "${OUT}" --queries 6 --topk 5 \
+    --load_uni_model_path "${APP_RUN}/pytorch_model.bin.best_r1" --index "${OUT}/music.index"
+echo "Try it in a browser: python scripts/app.py --demo ${OUT}   (then open http://127.0.0.1:7860)"

@@ -51,6 +51,7 @@ from utils.extract import (MAX_V_FRAMES, MUSIC_DIRS, VIDEO_DIR, extract_music_fe
                            extract_video_features, load_ast, load_clip, music_dir_for_stride, resolve_device)
 from utils.io import atomic_torch_save, atomic_write_json  # noqa: E402
 from utils.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS  # noqa: E402
+from utils.media_paths import find_by_id, resolve_path  # noqa: E402
 
 
 class InputError(ValueError):
@@ -111,24 +112,6 @@ def _safe_id(raw: str) -> str | None:
     return raw
 
 
-def _find_by_id(item_id: str, root: Path, extensions: tuple[str, ...]) -> Path | None:
-    for ext in extensions:
-        for candidate in (root / f"{item_id}{ext}", root / f"{item_id}{ext.upper()}"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def _resolve_path(value: str, root: Path) -> Path | None:
-    """Try the path as written (relative: under root first), then root/<the path with 1, 2, ... leading
-    components dropped>, ending with root/<file name>: CSVs written on another machine keep working when the
-    media tree was copied to a different place at any depth."""
-    p = Path(value)
-    candidates = [p] if p.is_absolute() else [root / p, p]
-    candidates += [root.joinpath(*p.parts[k:]) for k in range(1, len(p.parts))]
-    return next((c for c in candidates if c.is_file()), None)
-
-
 def _items_from_csv(csv_path: Path, mod: Modality, root: Path) -> list[Item]:
     df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     if mod.id_column not in df.columns:
@@ -146,9 +129,9 @@ def _items_from_csv(csv_path: Path, mod: Modality, root: Path) -> list[Item]:
             continue
         seen.add(item_id)
         value = str(value).strip()
-        path = _resolve_path(value, root) if value else None
+        path = resolve_path(value, root) if value else None
         if path is None:
-            path = _find_by_id(item_id, root, mod.extensions)
+            path = find_by_id(item_id, root, mod.extensions)
         error = None if path else (f"file not found ({path_col}={value!r}, root {root})" if value
                                    else f"no {root}/{item_id}.<ext> with ext in {list(mod.extensions)}")
         items.append(Item(item_id, path, error))

@@ -21,6 +21,12 @@ probability.
 --shortlist K: rank the library by the dual-tower cosine, re-score only the top K with the
 full score. Default: exhaustive up to 20,000 tracks, K = 1000 above; --shortlist 0 = always
 exhaustive. Bad input: one-line error, exit status 2.
+
+--render OUT.mp4 (with --video): the query video with the top-1 track's moment (or that of
+--render_track MUSIC_ID, one of the returned tracks) as its soundtrack: the video stream copied
+unchanged, the cut audio faded in/out (--fade s) and encoded as AAC (utils/render.py). The
+track's audio file comes from the music_path column of the CSV the index was built from, looked
+up as written and under --music_dir, or from <music_dir>/<music_id>.<ext>.
 """
 from __future__ import annotations
 
@@ -56,6 +62,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="PNG of each query's top tracks (several queries: NAME_<video_id>.png)")
     p.add_argument("--plot_max", type=int, default=20, help="at most this many plots")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
+    p.add_argument("--render", default=None, metavar="OUT.mp4",
+                   help="write the --video with the chosen track's moment as its soundtrack (.mp4/.mov/.mkv)")
+    p.add_argument("--render_track", default=None, metavar="MUSIC_ID",
+                   help="with --render: use this returned track instead of the top-1")
+    p.add_argument("--music_dir", default=None, help="folder of the tracks' audio files, for --render")
+    p.add_argument("--fade", type=float, default=0.3, help="fade in/out of the rendered soundtrack (s)")
     return p
 
 
@@ -104,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError("--topk and --batch_size must be >= 1")
+    check_render_args(args)
     # Cheap checks first (index folder, query files), so bad input fails before the model loads.
     library = open_index(args.index)
     num_frames = int(library.manifest.get("config", {}).get("max_v_frames", 50))
@@ -128,7 +141,36 @@ def main(argv: list[str] | None = None) -> int:
         for r, path in zip(results, paths):
             plot_result(r, path, gm.max_m_duration)
         print(f"{len(paths)} plot(s) written: {paths[0]}{' ...' if len(paths) > 1 else ''}")
+    if args.render:
+        render(args, results[0], library)
     return 0
+
+
+def check_render_args(args: argparse.Namespace) -> None:
+    """--render's inputs, checked before the model loads."""
+    from utils.render import CONTAINERS
+    if args.render is None:
+        if args.render_track is not None:
+            raise ValueError("--render_track goes with --render OUT.mp4")
+        return
+    if args.video is None:
+        raise ValueError("--render needs the query video itself: pass --video FILE")
+    if Path(args.render).suffix.lower() not in CONTAINERS:
+        raise ValueError(f"--render {args.render}: write a {', '.join(CONTAINERS)} file")
+    if args.music_dir is not None and not Path(args.music_dir).is_dir():
+        raise FileNotFoundError(f"--music_dir {args.music_dir}: no such folder")
+    if args.fade < 0:
+        raise ValueError("--fade must be >= 0")
+
+
+def render(args: argparse.Namespace, result, library) -> None:
+    from utils.media_paths import index_source_csv, music_locator
+    from utils.render import pick_track, render_hit
+    hit = pick_track(result.tracks, args.render_track)
+    find_audio = music_locator(args.music_dir, [index_source_csv(library.manifest)]).find
+    done = render_hit(hit, args.video, args.render, find_audio, args.fade)
+    print(f"preview written to {done.path}: track {hit.music_id} from {done.audio_start:.2f} s for "
+          f"{done.audio_seconds:.2f} s under {done.video_seconds:.2f} s of video")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -138,6 +180,7 @@ def run(argv: list[str] | None = None) -> int:
     from utils.media import MediaError
     try:
         return main(argv)
+    # utils.render.RenderError is a ValueError.
     except (GroundingError, CheckpointError, MediaError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -78,3 +78,11 @@ def real_data_dir() -> Path:
     if not (REAL_DATA_DIR / "val_data.csv").is_file():
         pytest.skip(f"real MGSV-EC CSVs not found in {REAL_DATA_DIR}")
     return REAL_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A folder in the layout scripts/demo.sh leaves, with a random-weight small model, an index and
+    synthesised media (tests/app_helpers.py). READ-ONLY apart from its app_out/ folder."""
+    from tests.app_helpers import make_tiny_demo
+    return make_tiny_demo(tmp_path_factory.mktemp("tiny_demo"))

@@ -28,7 +28,8 @@ class MediaError(RuntimeError):
     """A media file could not be opened or decoded."""
 
 
-def _open(path: str | os.PathLike) -> av.container.InputContainer:
+def open_media(path: str | os.PathLike) -> av.container.InputContainer:
+    """Open a media file for reading; MediaError (naming the file) when it is missing or not media."""
     if not Path(path).is_file():
         raise MediaError(f"{path}: file not found")
     try:
@@ -62,7 +63,7 @@ def decode_frames_1fps(path: str | os.PathLike, max_frames: int = 50) -> tuple[l
     Returns (frames as PIL images, duration D in seconds). Frames are decoded sequentially and only the
     selected ones are converted, so memory stays small for long clips.
     """
-    container = _open(path)
+    container = open_media(path)
     try:
         if not container.streams.video:
             raise MediaError(f"{path}: no video stream")
@@ -107,7 +108,7 @@ def decode_audio(path: str | os.PathLike, sample_rate: int = 16000,
     """
     if channel not in ("first", "mean"):
         raise ValueError(f"channel must be 'first' or 'mean', got {channel!r}")
-    container = _open(path)
+    container = open_media(path)
     try:
         if not container.streams.audio:
             raise MediaError(f"{path}: no audio stream")
