@@ -22,7 +22,7 @@ query its CSV video_path or <video_dir>/<video_id>.<ext>) with the chosen track'
 --out_dir.
 
 --demo DIR reads the layout scripts/demo.sh leaves (flags given explicitly take precedence):
-    DIR/logs/*/*+demo/pytorch_model.bin.best_r1   checkpoint (the newest run)
+    DIR/logs/*/*+demo*/pytorch_model.bin.best_r1  checkpoint (the newest run)
     DIR/music.index                              index of the test split's tracks
     DIR/dataset/MGSV-EC/test_data.csv            queries, with their ground truth
     DIR/features/Kuai_feature                    their CLIP features
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.media import VIDEO_EXTENSIONS  # noqa: E402
 
-DEMO_CHECKPOINT = "logs/*/*+demo/pytorch_model.bin.best_r1"
+DEMO_CHECKPOINT = "logs/*/*+demo*/pytorch_model.bin.best_r1"
 MAX_TOPK = 20
 
 
