@@ -21,6 +21,10 @@ probability.
 --shortlist K: rank the library by the dual-tower cosine, re-score only the top K with the
 full score. Default: exhaustive up to 20,000 tracks, K = 1000 above; --shortlist 0 = always
 exhaustive. Bad input: one-line error, exit status 2.
+
+The index is checked before any query is answered: sizes, headers and ids always, the content
+digest of any file whose size, mtime, ctime or inode changed since it was built, and with
+--verify the content digests of all its files (about 1 s per GB).
 """
 from __future__ import annotations
 
@@ -56,6 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="PNG of each query's top tracks (several queries: NAME_<video_id>.png)")
     p.add_argument("--plot_max", type=int, default=20, help="at most this many plots")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
+    p.add_argument("--verify", action="store_true",
+                   help="compare the content digest of every index file, not only of files whose stat changed")
     return p
 
 
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError("--topk and --batch_size must be >= 1")
     # Cheap checks first (index folder, query files), so bad input fails before the model loads.
-    library = open_index(args.index)
+    library = open_index(args.index, verify=args.verify)
     num_frames = int(library.manifest.get("config", {}).get("max_v_frames", 50))
     queries = load_queries(args, num_frames)
     gm = load_model(args.load_uni_model_path, args.device)
