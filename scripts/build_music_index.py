@@ -4,9 +4,10 @@
         --frozen_feature_path features/Kuai_feature --music_ids dataset/MGSV-EC/test_data.csv \
         --out indexes/test_music [--stride 2.5] [--dtype float32|float16] [--overwrite]
 
---music_ids: a CSV with a music_id column (an MGSV-EC split works; its music_total_duration
-gives the track durations) or a text file with one id per line (durations are then estimated
-from the AST mask: valid snippets x stride). The index records the checkpoint path, a sha256
+--music_ids: a CSV with a music_id column (an MGSV-EC split works: a track's many rows are one
+track, and its music_total_duration, which must agree across them, gives the track durations)
+or a text file with one id per line, each id once (durations are then estimated from the AST
+mask: valid snippets x stride). The index records the checkpoint path, a sha256
 fingerprint of its weights and the configuration; ground.py refuses an index built with other
 weights. The folder is written under a temporary name and renamed when complete.
 Exit status 2 with a one-line message on bad input.

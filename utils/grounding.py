@@ -18,8 +18,9 @@ of test.py (dual + single similarity for the paper's --vmr_loss), built in the s
 and blocks as test.py builds it for the same tracks. The moment of each returned track is the
 detector on that (video, track) pair, converted with utils.engine.top_moment/spans_to_seconds
 and clipped with utils.metrics.clip_moments, i.e. exactly test.py's SmG prediction when the
-track is the ground truth. Ids are deduplicated at build time (first occurrence wins), which
-is how test.py orders the columns of its score matrix; ties are broken by that order.
+track is the ground truth. A CSV's repeated ids (an MGSV-EC split lists a track once per video)
+are one track, in first-occurrence order, which is how test.py orders the columns of its score
+matrix; ties are broken by that order. A text file or list that repeats an id is refused.
 
 Two-stage retrieval (large libraries). Exhaustive X-Pool scoring costs O(tracks x snippets x d)
 per query. `shortlist=K` first ranks the whole library by the dual-tower cosine v.m (one matrix
@@ -74,9 +75,11 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -178,15 +181,16 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
 
 
 def read_music_ids(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], dict[str, float]]:
-    """Track ids (deduplicated, first occurrence first) and any known durations.
+    """Track ids (distinct, in first-occurrence order) and any known durations.
 
-    `source`: a CSV with a music_id column (e.g. an MGSV-EC split; music_total_duration is
-    used when present), a text file with one id per line (blank lines and #-comments
-    skipped), or a sequence of ids.
+    `source`: a CSV with a music_id column (e.g. an MGSV-EC split, where a track is on one row
+    per video that uses it: those repeats are one track; music_total_duration is used when
+    present and must agree across a track's rows), a text file with one id per line (blank
+    lines and #-comments skipped; a repeated id is an error), or a sequence of ids (likewise).
     """
     if not isinstance(source, (str, os.PathLike)):
         ids = [str(x).strip() for x in source]
-        return _dedupe(ids, source_name="the id list"), {}
+        return _checked_ids(ids, source_name="the id list"), {}
     path = Path(source)
     if not path.is_file():
         raise GroundingError(f"--music_ids {path}: file not found")
@@ -196,7 +200,7 @@ def read_music_ids(source: str | os.PathLike | Sequence[str]) -> tuple[list[str]
         return _read_csv_ids(path)
     with open(path, encoding="utf-8") as f:
         ids = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    return _dedupe(ids, source_name=str(path)), {}
+    return _checked_ids(ids, source_name=str(path)), {}
 
 
 def _read_csv_ids(path: Path) -> tuple[list[str], dict[str, float]]:
@@ -208,22 +212,47 @@ def _read_csv_ids(path: Path) -> tuple[list[str], dict[str, float]]:
     if "music_id" not in df.columns:
         raise GroundingError(f"{path}: no music_id column (columns: {', '.join(df.columns[:8])})")
     ids = [s.strip() for s in df["music_id"]]
+    _checked_ids(ids, str(path), repeats_allowed=True)
+    durations = _csv_durations(path, ids, df["music_total_duration"]) if "music_total_duration" in df.columns else {}
+    return list(dict.fromkeys(ids)), durations
+
+
+def _csv_durations(path: Path, ids: list[str], cells: Iterable[str]) -> dict[str, float]:
+    """{music_id: seconds} from a music_total_duration column. A track's rows must agree: two
+    lengths for one id mean two different files under that id, and either would mis-clip moments."""
     durations: dict[str, float] = {}
-    if "music_total_duration" in df.columns:
-        values = pd.to_numeric(df["music_total_duration"], errors="coerce").to_numpy(float)
-        for mid, d in zip(ids, values):
-            if np.isfinite(d) and d > 0 and mid not in durations:
-                durations[mid] = float(d)
-    return _dedupe(ids, source_name=str(path)), durations
+    conflicts: list[str] = []
+    for line, (mid, cell) in enumerate(zip(ids, cells), start=2):  # line 1 is the header
+        cell = cell.strip()
+        if not cell:
+            continue  # unknown: estimated from the mask
+        try:
+            value = float(cell)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise GroundingError(f"{path}: line {line}: music_total_duration {cell!r} of {mid} is not a positive "
+                                 "number of seconds; correct it or leave the cell empty")
+        if durations.setdefault(mid, value) != value and len(conflicts) < 3:
+            conflicts.append(f"{mid} ({durations[mid]:g} and {value:g} s, line {line})")
+    if conflicts:
+        raise GroundingError(f"{path}: music_total_duration differs between rows of one track: "
+                             f"{'; '.join(conflicts)}. A track has one length: correct the rows.")
+    return durations
 
 
-def _dedupe(ids: list[str], source_name: str) -> list[str]:
+def _checked_ids(ids: list[str], source_name: str, repeats_allowed: bool = False) -> list[str]:
+    """`ids` if none is empty and (unless `repeats_allowed`) none repeats; else a one-line error."""
     if any(not i for i in ids):
         raise GroundingError(f"{source_name}: empty music id")
-    out = list(dict.fromkeys(ids))
-    if not out:
+    if not ids:
         raise GroundingError(f"{source_name}: no music ids")
-    return out
+    if not repeats_allowed and len(set(ids)) != len(ids):
+        repeated = list(dict.fromkeys(i for i, n in Counter(ids).items() if n > 1))
+        shown = ", ".join(repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        raise GroundingError(f"{source_name}: music ids listed more than once: {shown}. Each id names one track "
+                             "of the index: remove the repeated lines.")
+    return ids
 
 
 def _load_tensor(path: Path, what: str) -> torch.Tensor:
