@@ -195,6 +195,34 @@ def test_overwrite_sets_the_old_run_aside(reference: Path, data: dict) -> None:
     assert comparable_history(new)[0] != comparable_history(read_state(reference))[0]
 
 
+def test_sigkill_then_a_new_run_with_overwrite(reference: Path, data: dict) -> None:
+    """A run killed (SIGKILL) in epoch 2 leaves its lock file, a checkpoint and a log behind. A new run
+    (not --resume) with --overwrite must start on that folder without anyone cleaning up: it is the
+    uninterrupted run exactly, and the killed run's files are set aside, not mixed in or deleted."""
+    out, log = data["root"] / "killed_then_new", data["root"] / "killed_then_new.out"
+    killed = start_cli("train.py", _args(data, out), log)
+    try:
+        run_dir = _wait_for_epoch_2(killed, out, log)
+        killed.kill()  # SIGKILL
+        killed.join(60)
+    finally:
+        if killed.is_alive():
+            killed.kill()
+    assert killed.exitcode == -signal.SIGKILL and (run_dir / LOCK_NAME).is_file()
+    killed_files = {p.name: p.read_bytes() for p in run_dir.glob("pytorch_model.bin*")}
+    assert killed_files and read_state(run_dir)["epoch"] == 1
+    refused = run_cli("train.py", _args(data, out))
+    assert_clean_failure(refused, 2, f"{run_dir} already holds a run", "--overwrite")
+    proc = run_cli("train.py", _args(data, out, "--overwrite"))
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert only_run_dir(out) == run_dir
+    assert comparable_history(read_state(run_dir)) == comparable_history(read_state(reference))
+    assert read_state(run_dir)["finished"]
+    (aside,) = run_dir.glob("replaced-*")
+    assert {p.name: p.read_bytes() for p in aside.glob("pytorch_model.bin*")} == killed_files
+    assert read_state(aside)["epoch"] == 1 and len(list(aside.glob("*_train.log"))) == 1
+
+
 def test_resume_with_conflicting_flags(reference: Path) -> None:
     proc = run_cli("train.py", ["--resume", reference, "--seed", "8", "--dim_input", "64", "--device", "cpu"])
     assert_clean_failure(proc, 2, "these flags differ from the settings the run was trained with",
