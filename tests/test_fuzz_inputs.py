@@ -180,16 +180,10 @@ def test_malformed_feature_file(feature_root: Path, capsys: pytest.CaptureFixtur
 @pytest.fixture(scope="module")
 def index_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny model's index of 6 random tracks, a query, and the intact index's results."""
-    from cli_helpers import TINY_MODEL
-    from model.made import build_model
-    from utils.checkpoint import save_checkpoint
+    from cli_helpers import tiny_checkpoint
     from utils.grounding import encode_tracks, load_model, write_index
-    from utils.options import parse_args
     root = tmp_path_factory.mktemp("fuzz_index")
-    args = parse_args([*TINY_MODEL, "--device", "cpu"], mode="train")
-    torch.manual_seed(0)
-    save_checkpoint(root / "model.bin", build_model(args), args, epoch=1)
-    gm = load_model(root / "model.bin", "cpu")
+    gm = load_model(tiny_checkpoint(root / "model.bin"), "cpu")
     g = torch.Generator().manual_seed(0)
     mask = (torch.arange(96)[None] < torch.tensor([[96], [60], [40], [30], [12], [5]])).float()
     feats = torch.randn(6, 96, 768, generator=g) * mask[..., None]

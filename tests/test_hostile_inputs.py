@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, linked_feature_root, read_csv_text,
-                         replace_file, run_many, subset_csv, train_args)
+                         replace_file, run_many, subset_csv, tiny_checkpoint, train_args)
 
 TRAIN_ROWS, VAL_ROWS = 48, 20
 PARALLEL = 3  # processes at once
@@ -250,15 +250,10 @@ def _foreign_checkpoint(base: dict, tmp: Path) -> Case:
 
 def _nan_weights_checkpoint(base: dict, tmp: Path) -> Case:
     """A checkpoint saved after the run diverged: refused by name instead of evaluated to NaN scores."""
-    from model.made import build_model
-    from utils.checkpoint import save_checkpoint
-    from utils.options import parse_args
-    args = parse_args([*TINY_MODEL, "--device", "cpu"], mode="train")
-    model = build_model(args)
-    with torch.no_grad():
-        model.video_encoder.proj.weight[0, 0] = float("nan")
-    path = tmp / "pytorch_model.bin.best_r1"
-    save_checkpoint(path, model, args, epoch=3)
+    path = tiny_checkpoint(tmp / "pytorch_model.bin.best_r1", epoch=3)
+    state = torch.load(path, weights_only=True)
+    state["model_state_dict"]["video_encoder.proj.weight"][0, 0] = float("nan")
+    torch.save(state, path)
     case = _test_py(base, path, [f"checkpoint {path}: weights hold NaN/inf values (video_encoder.proj.weight)",
                                  "Use a checkpoint of an earlier epoch"])
     case.extra_check = one_error_line

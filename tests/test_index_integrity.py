@@ -12,14 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import utils.grounding as grounding
-from cli_helpers import TINY_MODEL, demo_paths, read_csv_text
+from cli_helpers import demo_paths, read_csv_text, tiny_checkpoint
 from conftest import load_script
-from utils.checkpoint import save_checkpoint
 from utils.grounding import GroundingError, build_index, load_model, open_index
-from utils.options import parse_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 build_cli, ground_cli = load_script("build_music_index"), load_script("ground")
@@ -28,12 +25,8 @@ build_cli, ground_cli = load_script("build_music_index"), load_script("ground")
 @pytest.fixture(scope="module")
 def model(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny checkpoint, its loaded model, 8 tracks of the val split and one query video."""
-    from model.made import build_model
     tmp = tmp_path_factory.mktemp("index_integrity")
-    args = parse_args([*TINY_MODEL, "--device", "cpu"], mode="train")
-    torch.manual_seed(0)
-    ckpt = tmp / "pytorch_model.bin.best_r1"
-    save_checkpoint(ckpt, build_model(args), args, epoch=1)
+    ckpt = tiny_checkpoint(tmp / "pytorch_model.bin.best_r1")
     demo = demo_paths(demo_data)
     val = read_csv_text(demo["val"])
     ids_file = tmp / "ids.txt"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, output, run_many, subset_csv,
-                         train_args)
+                         tiny_checkpoint, train_args)
 from utils.checkpoint import LAST_NAME, jsonable_config, save_checkpoint
 from utils.io import WriteError, atomic_write_json
 from utils.options import parse_args
@@ -200,18 +200,13 @@ def test_two_csvs_of_one_name_keep_one_prediction_file_each(demo_data: Path, tmp
     """--save_json named its file after the split, epoch and moment R1 only, so evaluating a second
     val_data.csv (another folder, same rows written differently: the same metrics) replaced the
     first's predictions. Each evaluation now has its own file; the same one again rewrites its own."""
-    from model.made import build_model
     demo = demo_paths(demo_data)
     first = subset_csv(demo["val"], tmp_path / "a" / "val_data.csv", 8)
     second = tmp_path / "b" / "val_data.csv"
     second.parent.mkdir()
     second.write_text("".join(line.rstrip("\n") + (",note\n" if n == 0 else ",copy\n")
                               for n, line in enumerate(first.read_text().splitlines(keepends=True))))
-    args = parse_args([*TINY_MODEL, "--device", "cpu"], mode="train")
-    torch.manual_seed(0)
-    ckpt = tmp_path / "run" / "pytorch_model.bin.best_r1"
-    ckpt.parent.mkdir()
-    save_checkpoint(ckpt, build_model(args), args, epoch=1)
+    ckpt = tiny_checkpoint(tmp_path / "run" / "pytorch_model.bin.best_r1")
     common = ["--load_uni_model_path", ckpt, "--frozen_feature_path", demo["features"], "--save_json", "1", *CPU]
     procs = run_many([("test.py", [str(a) for a in [*common, "--test_csv", csv]]) for csv in (first, second, first)])
     for proc in procs:
