@@ -5,14 +5,21 @@
         --out indexes/test_music [--prior_csv dataset/MGSV-EC/train_data.csv] [--stride 2.5] \
         [--dtype float32|float16] [--overwrite]
 
---music_ids: a CSV with a music_id column (an MGSV-EC split works; its music_total_duration
-gives the track durations) or a text file with one id per line (durations are then estimated
-from the AST mask: valid snippets x stride). The index records the checkpoint path, a sha256
+--music_ids: a CSV with a music_id column (an MGSV-EC split works: a track's many rows are one
+track, and its music_total_duration, which must agree across them, gives the track durations)
+or a text file with one id per line, each id once (durations are then estimated from the AST
+mask: valid snippets x stride). The index records the checkpoint path, a sha256
 fingerprint of its weights and the configuration; ground.py refuses an index built with other
 weights. With --prior_csv (an annotation CSV, normally the training split) the index also stores
 each track's canonical clip there and how many videos use it; ground.py then shows it beside the
 model's moment. The folder is written under a temporary name and renamed when complete.
 Exit status 2 with a one-line message on bad input.
+
+    python scripts/build_music_index.py --verify INDEX
+
+compares every file of an existing index with the content digests recorded when it was built
+(ground.py checks sizes, headers and ids on every open, digests only of files whose stat
+changed); exit status 0 when it is sound, 2 with the rebuild command when it is not.
 """
 from __future__ import annotations
 
@@ -27,10 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--load_uni_model_path", required=True, help="MaDe checkpoint file")
-    p.add_argument("--frozen_feature_path", required=True, help="feature root (holds ast_feature2p5/...)")
-    p.add_argument("--music_ids", required=True, help="CSV with a music_id column, or a text file of ids")
-    p.add_argument("--out", required=True, help="index folder to create")
+    # Required unless --verify (checked in main: argparse cannot make them conditional).
+    p.add_argument("--load_uni_model_path", help="MaDe checkpoint file (required)")
+    p.add_argument("--frozen_feature_path", help="feature root (holds ast_feature2p5/...) (required)")
+    p.add_argument("--music_ids", help="CSV with a music_id column, or a text file of ids (required)")
+    p.add_argument("--out", help="index folder to create (required)")
+    p.add_argument("--verify", metavar="INDEX", default=None,
+                   help="instead of building: check every content digest of an existing index")
     p.add_argument("--stride", type=float, default=None,
                    help="music window hop in seconds (default: the checkpoint's, else 2.5)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
@@ -47,7 +57,17 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from utils.grounding import build_index, check_out_folder, load_model, open_index, read_music_ids, read_usage
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.verify is not None:
+        lib = open_index(args.verify, verify=True)
+        print(f"{args.verify}: ok ({len(lib)} tracks; the content digests of its "
+              f"{len(lib.manifest['files'])} files match)")
+        return 0
+    missing = [f"--{k}" for k in ("load_uni_model_path", "frozen_feature_path", "music_ids", "out")
+               if getattr(args, k) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --verify INDEX)")
     if args.batch_size < 1:
         raise ValueError("--batch_size must be >= 1")
     t0 = time.time()

@@ -10,10 +10,13 @@ Output (what train.py / test.py / ground.py read, reference §1.3):
 (the music folder follows --stride: 2.5 -> ast_feature2p5, 5 -> ast_feature5, 7.5 -> ast_feature7p5, 10 -> ast_feature10)
 
 Inputs (--videos and --music are independent; either may be omitted):
-  * a directory: every media file directly inside it; the id is the file name without extension.
-  * a CSV file: one row per item (duplicates are extracted once). The id comes from the video_id / music_id
-    column (read as text, so 113722188340 stays exactly that). The file comes from a path column if there is
-    one (videos: video_path or path; music: music_path or path), else <ROOT>/<id>.<ext> is looked up.
+  * a directory: every media file directly inside it; the id is the file name without extension (two files of
+    one name, e.g. a.mp4 and a.mov, are an error: which one the features should come from cannot be guessed).
+  * a CSV file: one row per item (repeated rows of an id and its file are extracted once, as the MGSV-EC
+    splits list a track once per video; an id given with two different files is an error). The id comes from
+    the video_id / music_id column (read as text, so 113722188340 stays exactly that). The file comes from a
+    path column if there is one (videos: video_path or path; music: music_path or path), else <ROOT>/<id>.<ext>
+    is looked up.
     A path is tried as written (relative paths under ROOT first), then under ROOT with 1, 2, ... leading
     folders removed, down to ROOT/<file name>. ROOT is --video_root / --music_root (default: the CSV's
     folder). So the MGSV-EC CSVs work directly, e.g. ``--music dataset/MGSV-EC/test_data.csv --music_root
@@ -25,12 +28,17 @@ Inputs (--videos and --music are independent; either may be omitted):
 Ids already extracted (feature AND mask file present) are skipped, so an interrupted run resumes where it
 stopped; --overwrite recomputes. Each file is written atomically, feature first and mask last, so a mask file
 marks a complete item. Unreadable media are reported at the end (and in OUT/extraction_failures.json) without
-stopping the run. Exit status: 0 on success or partial success, 1 if every listed item failed (none extracted
-now or earlier), 2 for bad arguments, no inputs, or missing/unloadable weight files (checked before any work).
+stopping the run. That file accumulates over runs into the same --out: {"video"|"music": [{"id", "path", "error",
+"folder"}]}, one entry per id and feature folder; an id listed again replaces its earlier entry (dropped when it
+is extracted now or was already), entries of ids not listed this time are kept. Exit status: 0 on success or
+partial success, 1 if every listed item failed (none extracted now or earlier), 2 for bad arguments, no inputs,
+an id given twice with different files, an unreadable earlier failure list, or missing/unloadable weight files
+(all checked before any work).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,41 +120,65 @@ def _safe_id(raw: str) -> str | None:
     return raw
 
 
+def _same_file(a: str, b: str, root: Path) -> bool:
+    """Two path cells of one id name the same media file (as written, or once resolved)."""
+    if a == b:
+        return True
+    found_a, found_b = (resolve_path(v, root) if v else None for v in (a, b))
+    return found_a is not None and found_b is not None and found_a.resolve() == found_b.resolve()
+
+
+def _refuse_repeated(source: Path, what: str, clashes: list[str]) -> None:
+    """One id, two different files: whichever were extracted, the other's features would be missing
+    under that id, so the list is refused before any work (as utils.annotations refuses repeated videos)."""
+    if clashes:
+        more = f" (and {len(clashes) - 3} more)" if len(clashes) > 3 else ""
+        raise InputError(f"{source}: {what} given twice with different files: {'; '.join(clashes[:3])}{more}. "
+                         "Each id names one feature file: remove one of them or give it its own id.")
+
+
 def _items_from_csv(csv_path: Path, mod: Modality, root: Path) -> list[Item]:
     df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     if mod.id_column not in df.columns:
         raise InputError(f"{csv_path} has no {mod.id_column} column (columns: {list(df.columns)})")
     path_col = next((c for c in mod.path_columns if c in df.columns), None)
     items: list[Item] = []
-    seen: set[str] = set()
+    seen: dict[str, tuple[int, str]] = {}  # id -> (line, path cell) of its first row
+    clashes: list[str] = []
     paths = df[path_col] if path_col else [""] * len(df)
     for line, (raw_id, value) in enumerate(zip(df[mod.id_column], paths), start=2):  # line 1 is the header
         item_id = _safe_id(str(raw_id))
         if item_id is None:
             items.append(Item(f"<line {line}>", None, f"{csv_path}:{line}: bad {mod.id_column} {raw_id!r}"))
             continue
-        if item_id in seen:
-            continue
-        seen.add(item_id)
         value = str(value).strip()
+        if item_id in seen:  # the same file again (a track used by many videos) is extracted once
+            first_line, first_value = seen[item_id]
+            if not _same_file(first_value, value, root):
+                clashes.append(f"{mod.id_column} {item_id!r} on line {first_line} ({first_value!r}) "
+                               f"and line {line} ({value!r})")
+            continue
+        seen[item_id] = (line, value)
         path = resolve_path(value, root) if value else None
         if path is None:
             path = find_by_id(item_id, root, mod.extensions)
         error = None if path else (f"file not found ({path_col}={value!r}, root {root})" if value
                                    else f"no {root}/{item_id}.<ext> with ext in {list(mod.extensions)}")
         items.append(Item(item_id, path, error))
+    _refuse_repeated(csv_path, "an id", clashes)
     return items
 
 
 def _items_from_dir(directory: Path, mod: Modality) -> list[Item]:
     items: dict[str, Item] = {}
+    clashes: list[str] = []
     for path in sorted(directory.iterdir()):
         if path.is_file() and path.suffix.lower() in mod.extensions:
             if path.stem in items:
-                print(f"warning: {path} ignored, id {path.stem!r} already taken by {items[path.stem].path}",
-                      file=sys.stderr)
+                clashes.append(f"id {path.stem!r} from {items[path.stem].path.name} and {path.name}")
                 continue
             items[path.stem] = Item(path.stem, path)
+    _refuse_repeated(directory, "an id (a file name without extension)", clashes)
     return list(items.values())
 
 
@@ -181,21 +213,53 @@ def run_modality(mod: Modality, items: list[Item], extract: Callable[[Path], tup
         if not overwrite and is_done(mod, item.id):
             skipped += 1
             continue
+        folder = mod.feat_dir.parent.name  # which feature folder lacks the id (music: one per stride)
         if item.error is not None:
-            failures.append({"id": item.id, "path": str(item.path or ""), "error": item.error})
+            failures.append({"id": item.id, "path": str(item.path or ""), "error": item.error, "folder": folder})
             continue
         try:
             feat, mask = extract(item.path)
         except EncoderLoadError:
             raise
         except Exception as e:  # one bad file must not stop a 50k-file run; all are listed at the end
-            failures.append({"id": item.id, "path": str(item.path), "error": f"{type(e).__name__}: {e}"})
+            failures.append({"id": item.id, "path": str(item.path), "error": f"{type(e).__name__}: {e}",
+                             "folder": folder})
             continue
         atomic_torch_save(feat.float().contiguous(), mod.feat_dir / f"{item.id}.pt")
         atomic_torch_save(mask.float().contiguous(), mod.mask_dir / f"{item.id}.pt")
         extracted += 1
         bar.set_postfix(done=extracted, skipped=skipped, failed=len(failures))
     return extracted, skipped, failures
+
+
+# ------------------------------------------------------------------------------------------ failure list
+FAILURES_NAME = "extraction_failures.json"
+
+
+def read_failures(path: Path) -> dict[str, list[dict]]:
+    """The failure list an earlier run left in --out ({} when there is none). One that is not a
+    failure list is refused rather than replaced: it is the only record of what failed before."""
+    if not path.is_file():
+        return {}
+    try:
+        failures = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        failures = e
+    if not (isinstance(failures, dict) and all(
+            isinstance(entries, list) and all(isinstance(f, dict) and isinstance(f.get("id"), str) for f in entries)
+            for entries in failures.values())):
+        raise InputError(f"{path} (the failure list of an earlier run) is not a {{modality: [{{id, ...}}]}} JSON "
+                         "object; move it away or delete it, then run again.")
+    return failures
+
+
+def merge_failures(earlier: dict[str, list[dict]], modality: str, folder: str, listed: set[str],
+                   failures: list[dict]) -> dict[str, list[dict]]:
+    """`earlier` with one pass's outcome: the entries of the ids it listed (in its folder; entries
+    written before failures named their folder count as any) give way to its failures."""
+    kept = [f for f in earlier.get(modality, []) if not (f["id"] in listed and f.get("folder", folder) == folder)]
+    merged = {**earlier, modality: kept + failures}
+    return {name: entries for name, entries in merged.items() if entries}
 
 
 def _lazy(loader: Callable[[], object]) -> Callable[[], object]:
@@ -255,9 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    failures_file = out / "extraction_failures.json"
+    failures_file = out / FAILURES_NAME
+    try:
+        all_failures = read_failures(failures_file)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    earlier_count = sum(map(len, all_failures.values()))
     attempted = available = 0
-    all_failures: dict[str, list[dict[str, str]]] = {}
     for mod, items, extract in jobs:
         try:
             done, skipped, failures = run_modality(mod, items, extract, args.overwrite)
@@ -272,13 +341,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
         attempted += done + len(failures)
         available += done + skipped
-        if failures:
-            all_failures[mod.name] = failures
+        all_failures = merge_failures(all_failures, mod.name, mod.feat_dir.parent.name, {i.id for i in items},
+                                      failures)
     if all_failures:
         atomic_write_json(all_failures, failures_file)
-        print(f"failure list written to {failures_file}", file=sys.stderr)
+        print(f"failure list written to {failures_file} ({sum(map(len, all_failures.values()))} entries; "
+              f"{earlier_count} before this run)", file=sys.stderr)
     else:
-        failures_file.unlink(missing_ok=True)  # do not leave a stale list from an earlier run
+        failures_file.unlink(missing_ok=True)  # every earlier failure has been extracted since
     # Failure status only when nothing usable came out of the inputs (already extracted items count as usable).
     return 1 if attempted and not available else 0
 

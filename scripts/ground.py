@@ -27,6 +27,10 @@ exhaustive. Bad input: one-line error, exit status 2.
 unchanged, the cut audio faded in/out (--fade s) and encoded as AAC (utils/render.py). The
 track's audio file comes from the music_path column of the CSV the index was built from, looked
 up as written and under --music_dir, or from <music_dir>/<music_id>.<ext>.
+
+The index is checked before any query is answered: sizes, headers and ids always, the content
+digest of any file whose size, mtime, ctime or inode changed since it was built, and with
+--verify the content digests of all its files (about 1 s per GB).
 """
 from __future__ import annotations
 
@@ -68,6 +72,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="with --render: use this returned track instead of the top-1")
     p.add_argument("--music_dir", default=None, help="folder of the tracks' audio files, for --render")
     p.add_argument("--fade", type=float, default=0.3, help="fade in/out of the rendered soundtrack (s)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare the content digest of every index file, not only of files whose stat changed")
     return p
 
 
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--topk and --batch_size must be >= 1")
     check_render_args(args)
     # Cheap checks first (index folder, query files), so bad input fails before the model loads.
-    library = open_index(args.index)
+    library = open_index(args.index, verify=args.verify)
     num_frames = int(library.manifest.get("config", {}).get("max_v_frames", 50))
     queries = load_queries(args, num_frames)
     gm = load_model(args.load_uni_model_path, args.device)

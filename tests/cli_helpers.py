@@ -33,6 +33,20 @@ TINY_MODEL = ["--dim_input", "32", "--detr_dim_feedforward", "64", "--detr_enc_l
 CPU = ["--device", "cpu", "--num_workers", "0"]
 
 
+def tiny_checkpoint(path: Path, seed: int = 0, epoch: int = 1) -> Path:
+    """A checkpoint of a randomly initialised TINY_MODEL, its settings inside as train.py writes them."""
+    import torch
+
+    from model.made import build_model
+    from utils.checkpoint import save_checkpoint
+    from utils.options import parse_args
+    args = parse_args([*TINY_MODEL, "--device", "cpu"], mode="train")
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, build_model(args), args, epoch=epoch)
+    return path
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     # One intra-op thread: on a busy 2-core machine torch's default thread pool spins and

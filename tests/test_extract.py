@@ -253,6 +253,71 @@ def test_script_csv_inputs(media, weights, tmp_path):
     assert [f["id"] for f in failures["music"]] == ["4+absent"]
 
 
+def test_failure_list_accumulates_over_runs(media, weights, tmp_path, capsys):
+    """Each run into one --out used to replace extraction_failures.json, so a --music run erased the
+    video failures of the run before. Entries are keyed by (modality, id, folder): a later success
+    removes one, a later failure replaces it, ids not listed again keep theirs."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("clip124.mp4", "broken.mp4"):
+        os.symlink(media / "videos" / name, videos / name)
+    out, failures_file = tmp_path / "feats", tmp_path / "feats" / "extraction_failures.json"
+    out.mkdir()
+    # A list written before entries named their folder, for an id no run lists again: kept as it is.
+    failures_file.write_text(json.dumps({"video": [{"id": "old", "path": "/x/old.mp4", "error": "E"}]}))
+    assert _run(["--videos", str(videos)], out, weights) == 0
+    assert _run(["--music", str(media / "music")], out, weights) == 0
+    failures = json.loads(failures_file.read_text())
+    assert [(f["id"], f.get("folder")) for f in failures["video"]] == [("old", None), ("broken", "vit_feature1")]
+    assert [(f["id"], f["folder"]) for f in failures["music"]] == [("broken", "ast_feature10")]
+    assert "(3 entries; 2 before this run)" in capsys.readouterr().err
+    # The broken video is replaced by a good one: its entry goes, the others stay.
+    (videos / "broken.mp4").unlink()
+    os.symlink(media / "videos" / "clip124.mp4", videos / "broken.mp4")
+    assert _run(["--videos", str(videos)], out, weights) == 0
+    assert _load(out, "vit_feature1", "video", "broken")[1].sum() == 13
+    failures = json.loads(failures_file.read_text())
+    assert [f["id"] for f in failures["video"]] == ["old"] and [f["id"] for f in failures["music"]] == ["broken"]
+    # Music at another stride goes to another folder: the stride-10 failure is not settled by it.
+    assert _run(["--music", str(media / "music" / "track100.wav")], out, weights, "--stride", "5") == 0
+    assert [f["folder"] for f in json.loads(failures_file.read_text())["music"]] == ["ast_feature10"]
+
+
+def test_unreadable_failure_list_is_kept_and_refused(media, weights, tmp_path, capsys):
+    out = tmp_path / "feats"
+    out.mkdir()
+    (out / "extraction_failures.json").write_text('{"video": [')
+    assert _run(["--videos", str(media / "videos" / "clip124.mp4")], out, weights) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'extraction_failures.json'} (the failure list of an earlier run)")
+    assert err.count("\n") == 1 and "move it away or delete it" in err
+    assert (out / "extraction_failures.json").read_text() == '{"video": [' and not (out / "vit_feature1").exists()
+
+
+def test_id_given_twice_with_different_files_is_refused(media, weights, tmp_path, capsys):
+    """Before any work, one line naming the list and the id; the same file on many rows stays fine."""
+    csv = tmp_path / "videos.csv"
+    csv.write_text("video_id,video_path\n"
+                   f"7,{media / 'videos' / 'clip124.mp4'}\n"
+                   f"8,{media / 'videos' / 'clip124.mp4'}\n"
+                   f"7,{media / 'videos' / 'broken.mp4'}\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.symlink(media / "videos" / "clip124.mp4", folder / "a.mp4")
+    os.symlink(media / "videos" / "broken.mp4", folder / "a.mov")
+    for source, phrase in ((csv, "video_id '7' on line 2 ("), (folder, "id 'a' from a.mov and a.mp4")):
+        out = tmp_path / f"out_{source.name}"
+        assert _run(["--videos", str(source)], out, weights) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {source}: ") and "given twice with different files" in err, err
+        assert phrase in err and err.count("\n") == 1 and not out.exists()
+    # The same file named twice (absolute, then relative to the CSV's folder) is one item.
+    os.symlink(media / "videos" / "clip124.mp4", tmp_path / "clip.mp4")
+    csv.write_text(f"video_id,video_path\n7,{tmp_path / 'clip.mp4'}\n7,clip.mp4\n")
+    assert _run(["--videos", str(csv)], tmp_path / "ok", weights) == 0
+    assert "1 listed, 1 extracted" in capsys.readouterr().err
+
+
 def test_script_exit_status(media, weights, tmp_path, capsys):
     # weights missing -> 2, before any work, naming the file and where it comes from
     rc = main(["--videos", str(media / "videos"), "--out", str(tmp_path / "a"),

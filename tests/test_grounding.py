@@ -246,6 +246,35 @@ def test_index_folder_rules(setup: dict, tmp_path: Path, capsys: pytest.CaptureF
     assert not any(p.name.startswith((".crashed", "crashed")) for p in tmp_path.iterdir())
 
 
+def test_repeated_music_ids(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A text file or list names each track once: a repeat is refused (it used to vanish silently). A
+    CSV split lists a track once per video: its rows are one track, unless they disagree on its length."""
+    def refusal(source) -> str:
+        with pytest.raises(GroundingError) as info:
+            read_music_ids(source)
+        return str(info.value)
+
+    text = tmp_path / "ids.txt"
+    text.write_text("a\nb\n# c\na\nc\nb\n")
+    assert refusal(text) == (f"{text}: music ids listed more than once: a, b. Each id names one track of the "
+                             "index: remove the repeated lines.")
+    assert refusal(["x", "y", "x"]).startswith("the id list: music ids listed more than once: x.")
+    csv = tmp_path / "train_data.csv"
+    csv.write_text("video_id,music_id,music_total_duration\n1,a,120.5\n2,b,60\n3,a,120.500\n4,c,\n")
+    assert read_music_ids(csv) == (["a", "b", "c"], {"a": 120.5, "b": 60.0})
+    csv.write_text("video_id,music_id,music_total_duration\n1,a,120.5\n2,b,60\n3,a,121\n4,b,61\n")
+    assert refusal(csv) == (f"{csv}: music_total_duration differs between rows of one track: a (120.5 and "
+                            "121 s, line 4); b (60 and 61 s, line 5). A track has one length: correct the rows.")
+    csv.write_text("video_id,music_id,music_total_duration\n1,a,abc\n")
+    assert "line 2: music_total_duration 'abc' of a is not a positive number" in refusal(csv)
+    # From the command line: exit 2, one line, before the checkpoint is even looked at.
+    rc = load_script("build_music_index").run(["--load_uni_model_path", str(tmp_path / "absent.bin"),
+                                               "--frozen_feature_path", str(tmp_path), "--music_ids", str(text),
+                                               "--out", str(tmp_path / "x.index")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {text}: music ids listed more than once: a, b.") and err.count("\n") == 1
+
+
 def test_prepare_video_mask_rules() -> None:
     feat = torch.randn(12, 512)
     feat[10:] = 0

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, linked_feature_root, read_csv_text,
-                         replace_file, run_many, subset_csv, train_args)
+                         replace_file, run_many, subset_csv, tiny_checkpoint, train_args)
 
 TRAIN_ROWS, VAL_ROWS = 48, 20
 PARALLEL = 3  # processes at once
@@ -37,7 +37,13 @@ class Case:
     phrases: list[str]
     status: int = 2
     no_output_dir: Path | None = None  # must not exist afterwards (nothing written on failure)
-    extra_check: Callable[[str], None] | None = field(default=None, repr=False)
+    extra_check: Callable[[str], None] | None = field(default=None, repr=False)  # given the process's stderr
+
+
+def one_error_line(stderr: str) -> None:
+    """The refusal is one line, the last on stderr (argparse's usage lines above it are not part of it)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and "error:" in lines[-1] and not any("error:" in line for line in lines[:-1]), stderr[-2000:]
 
 
 def _tensor_bytes(obj) -> bytes:
@@ -188,14 +194,31 @@ FLAG_CASES = {
                                             "Lower --batch_size_train"]),
     "frames disagree with the features": (["--max_v_frames", "40"], ["50 rows, expected 40", "--max_v_frames"]),
     "stride without features": (["--stride", "7.5"], ["ast_feature7p5 not found", "--stride"]),
+    # numpy takes seeds in [0, 2**32): anything else failed with a traceback in np.random.seed.
+    "negative seed": (["--seed", "-1"], ["argument --seed: expected a seed in [0, 2**32), got '-1'"]),
+    "seed of 2**32": (["--seed", "4294967296"], ["argument --seed: expected a seed in [0, 2**32), got '4294967296'"]),
+    # inf passes "> 0" and broke later (int(inf) windows, an infinite learning rate).
+    "infinite duration": (["--max_m_duration", "inf"], ["argument --max_m_duration: expected a positive number, "
+                                                        "got 'inf'"]),
+    "infinite learning rate": (["--matching_lr", "inf"], ["argument --matching_lr: expected a positive number"]),
+    "infinite loss weight": (["--loc_loss_weight", "inf"], ["argument --loc_loss_weight: expected a number >= 0"]),
 }
+ONE_LINE_FLAGS = {"negative seed", "seed of 2**32", "infinite duration", "infinite learning rate",
+                  "infinite loss weight"}
 
 
 def _flag_case(name: str) -> Callable[[dict, Path], Case]:
     def build(base: dict, tmp: Path) -> Case:
         extra, phrases = FLAG_CASES[name]
-        return _train(base, tmp, phrases, *extra)
+        return _train(base, tmp, phrases, *extra, extra_check=one_error_line if name in ONE_LINE_FLAGS else None)
     return build
+
+
+def _test_py_seed_out_of_range(base: dict, tmp: Path) -> Case:
+    case = _test_py(base, tmp / "unused.bin", ["argument --seed: expected a seed in [0, 2**32), got '99999999999'"])
+    case.args += ["--seed", "99999999999"]
+    case.extra_check = one_error_line
+    return case
 
 
 def _cuda_without_cuda(base: dict, tmp: Path) -> Case:
@@ -225,6 +248,18 @@ def _foreign_checkpoint(base: dict, tmp: Path) -> Case:
     return _test_py(base, path, [str(path), "is not a MaDe checkpoint", "found dict with keys weights, step"])
 
 
+def _nan_weights_checkpoint(base: dict, tmp: Path) -> Case:
+    """A checkpoint saved after the run diverged: refused by name instead of evaluated to NaN scores."""
+    path = tiny_checkpoint(tmp / "pytorch_model.bin.best_r1", epoch=3)
+    state = torch.load(path, weights_only=True)
+    state["model_state_dict"]["video_encoder.proj.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    case = _test_py(base, path, [f"checkpoint {path}: weights hold NaN/inf values (video_encoder.proj.weight)",
+                                 "Use a checkpoint of an earlier epoch"])
+    case.extra_check = one_error_line
+    return case
+
+
 def _no_checkpoint_in_folder(base: dict, tmp: Path) -> Case:
     return _test_py(base, tmp, ["no checkpoint named", str(tmp)])
 
@@ -250,6 +285,8 @@ CASES: dict[str, Callable[[dict, Path], Case]] = {
     **{f"flags: {name}": _flag_case(name) for name in FLAG_CASES},
     "checkpoint: another configuration": _other_configuration,
     "checkpoint: truncated": _truncated_checkpoint,
+    "checkpoint: NaN weights": _nan_weights_checkpoint,
+    "test.py: seed out of range": _test_py_seed_out_of_range,
     "checkpoint: foreign": _foreign_checkpoint,
     "checkpoint: none in the folder": _no_checkpoint_in_folder,
     "test.py: bad CSV": _test_py_bad_csv,
@@ -277,7 +314,9 @@ def all_runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input(all_runs: dict, name: str) -> None:
     case, proc = all_runs[name]
-    assert_clean_failure(proc, case.status, *case.phrases)
+    text = assert_clean_failure(proc, case.status, *case.phrases)
+    if case.extra_check is not None:
+        case.extra_check(proc.stderr)
     if case.no_output_dir is not None:
         assert not case.no_output_dir.exists(), "a run that could not start left a folder behind"
 

@@ -8,6 +8,7 @@ tests skip where neither makes a folder unwritable.
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, output, run_many, subset_csv,
-                         train_args)
+                         tiny_checkpoint, train_args)
 from utils.checkpoint import LAST_NAME, jsonable_config, save_checkpoint
 from utils.io import WriteError, atomic_write_json
 from utils.options import parse_args
@@ -193,3 +194,27 @@ def test_files_get_the_umask_mode(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o640
+
+
+def test_two_csvs_of_one_name_keep_one_prediction_file_each(demo_data: Path, tmp_path: Path) -> None:
+    """--save_json named its file after the split, epoch and moment R1 only, so evaluating a second
+    val_data.csv (another folder, same rows written differently: the same metrics) replaced the
+    first's predictions. Each evaluation now has its own file; the same one again rewrites its own."""
+    demo = demo_paths(demo_data)
+    first = subset_csv(demo["val"], tmp_path / "a" / "val_data.csv", 8)
+    second = tmp_path / "b" / "val_data.csv"
+    second.parent.mkdir()
+    second.write_text("".join(line.rstrip("\n") + (",note\n" if n == 0 else ",copy\n")
+                              for n, line in enumerate(first.read_text().splitlines(keepends=True))))
+    ckpt = tiny_checkpoint(tmp_path / "run" / "pytorch_model.bin.best_r1")
+    common = ["--load_uni_model_path", ckpt, "--frozen_feature_path", demo["features"], "--save_json", "1", *CPU]
+    procs = run_many([("test.py", [str(a) for a in [*common, "--test_csv", csv]]) for csv in (first, second, first)])
+    for proc in procs:
+        assert proc.returncode == 0, output(proc)[-3000:]
+    predictions = sorted(ckpt.parent.glob("*-val/uni_val_1_best_r1_*.json"))
+    assert len(predictions) == 2 and len({p.name for p in predictions}) == 2
+    written = [line.split("per-video predictions: ")[1] for proc in procs for line in output(proc).splitlines()
+               if "per-video predictions: " in line]
+    assert written[0] == written[2] != written[1]  # the re-run rewrote its own file
+    a, b = (json.loads(p.read_text()) for p in predictions)
+    assert len(a) == len(b) == 8 and a == b  # the same rows: only the names tell them apart

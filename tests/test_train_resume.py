@@ -66,15 +66,11 @@ def runs(data: dict) -> dict:
     killed = start_cli("train.py", _args(data, killed_out), log)
     reference = start_cli("train.py", _args(data, data["root"] / "reference"), reference_log)
     try:
-        run_dir = _wait_for_epoch_2(killed, killed_out, log)
-        killed.kill()  # SIGKILL
-        killed.join(60)
+        run_dir = _kill_in_epoch_2(killed, killed_out, log)
         reference.join(300)
     finally:
-        for proc in (killed, reference):
-            if proc.is_alive():
-                proc.kill()
-    assert killed.exitcode == -signal.SIGKILL
+        if reference.is_alive():
+            reference.kill()
     assert reference.exitcode == 0, reference_log.read_text()[-3000:] + Path(f"{reference_log}.err").read_text()
     state_at_kill = read_state(run_dir)
     resume = run_cli("train.py", ["--resume", run_dir, "--device", "cpu", *WORKERS])
@@ -86,6 +82,19 @@ def runs(data: dict) -> dict:
 @pytest.fixture(scope="module")
 def reference(runs: dict) -> Path:
     return runs["reference"]
+
+
+def _kill_in_epoch_2(proc, out: Path, log: Path) -> Path:
+    """SIGKILL the run `proc` once epoch 1 is saved and epoch 2 has begun; returns its run folder."""
+    try:
+        run_dir = _wait_for_epoch_2(proc, out, log)
+        proc.kill()
+        proc.join(60)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == -signal.SIGKILL
+    return run_dir
 
 
 def _wait_for_epoch_2(proc, out: Path, log: Path, timeout: float = 300) -> Path:
@@ -193,6 +202,27 @@ def test_overwrite_sets_the_old_run_aside(reference: Path, data: dict) -> None:
     assert new["epoch"] == 1 and len(new["history"]) == 1
     # Another seed, another run: its first epoch differs from the reference's.
     assert comparable_history(new)[0] != comparable_history(read_state(reference))[0]
+
+
+def test_sigkill_then_a_new_run_with_overwrite(reference: Path, data: dict) -> None:
+    """A run killed (SIGKILL) in epoch 2 leaves its lock file, a checkpoint and a log behind. A new run
+    (not --resume) with --overwrite must start on that folder without anyone cleaning up: it is the
+    uninterrupted run exactly, and the killed run's files are set aside, not mixed in or deleted."""
+    out, log = data["root"] / "killed_then_new", data["root"] / "killed_then_new.out"
+    run_dir = _kill_in_epoch_2(start_cli("train.py", _args(data, out), log), out, log)
+    assert (run_dir / LOCK_NAME).is_file()
+    killed_files = {p.name: p.read_bytes() for p in run_dir.glob("pytorch_model.bin*")}
+    assert killed_files and read_state(run_dir)["epoch"] == 1
+    refused = run_cli("train.py", _args(data, out))
+    assert_clean_failure(refused, 2, f"{run_dir} already holds a run", "--overwrite")
+    proc = run_cli("train.py", _args(data, out, "--overwrite"))
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert only_run_dir(out) == run_dir
+    assert comparable_history(read_state(run_dir)) == comparable_history(read_state(reference))
+    assert read_state(run_dir)["finished"]
+    (aside,) = run_dir.glob("replaced-*")
+    assert {p.name: p.read_bytes() for p in aside.glob("pytorch_model.bin*")} == killed_files
+    assert read_state(aside)["epoch"] == 1 and len(list(aside.glob("*_train.log"))) == 1
 
 
 def test_resume_with_conflicting_flags(reference: Path) -> None:

@@ -208,13 +208,24 @@ def test_entry_point_never_runs_a_payload(entry_point_runs: dict, name: str) -> 
 
 
 def test_index_with_non_finite_rows_is_refused(entry_point_runs: dict, tmp_path: Path) -> None:
-    """A NaN in a track's embedding would make its score NaN and drop it from every ranking."""
-    from utils.grounding import GroundingError, open_index
+    """A NaN in a track's embedding would make its score NaN and drop it from every ranking. Written
+    into an index afterwards, it fails the content digest; written by the builder itself (the
+    manifest's records made afresh), the finite check still refuses it."""
+    import json
+
+    from utils.grounding import MANIFEST, GroundingError, _file_records, open_index
+    from utils.io import manifest_digest
     proc, _, bad_index = entry_point_runs["ground.py index"]
     index = tmp_path / "music.index"
     shutil.copytree(bad_index.parent.parent / "music.index", index)
     m = np.load(index / "m.npy")
     m[2, 5] = np.nan
     np.save(index / "m.npy", m)
-    with pytest.raises(GroundingError, match=r"m.npy: NaN/inf values for track\(s\) .*rebuild it"):
+    with pytest.raises(GroundingError, match=r"m.npy changed since the index was built"):
+        open_index(index)
+    manifest = json.loads((index / MANIFEST).read_text())
+    manifest["files"] = _file_records(index)
+    manifest["manifest_digest"] = manifest_digest(manifest)
+    (index / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(GroundingError, match=r"m.npy: NaN/inf values for track\(s\) .*rebuild it with `python"):
         open_index(index)

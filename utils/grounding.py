@@ -18,8 +18,9 @@ of test.py (dual + single similarity for the paper's --vmr_loss), built in the s
 and blocks as test.py builds it for the same tracks. The moment of each returned track is the
 detector on that (video, track) pair, converted with utils.engine.top_moment/spans_to_seconds
 and clipped with utils.metrics.clip_moments, i.e. exactly test.py's SmG prediction when the
-track is the ground truth. Ids are deduplicated at build time (first occurrence wins), which
-is how test.py orders the columns of its score matrix; ties are broken by that order.
+track is the ground truth. A CSV's repeated ids (an MGSV-EC split lists a track once per video)
+are one track, in first-occurrence order, which is how test.py orders the columns of its score
+matrix; ties are broken by that order. A text file or list that repeats an id is refused.
 
 Two-stage retrieval (large libraries). Exhaustive X-Pool scoring costs O(tracks x snippets x d)
 per query. `shortlist=K` first ranks the whole library by the dual-tower cosine v.m (one matrix
@@ -43,7 +44,8 @@ otherwise from the mask: number of valid snippets x stride (an estimate: a windo
 Index folder (written to a temporary sibling folder that is renamed into place when complete,
 so a crash never leaves a folder that looks like an index):
 
-    manifest.json        format, checkpoint path, weights fingerprint, config, dtype, array shapes
+    manifest.json        format, checkpoint path, weights fingerprint, config, dtype, array shapes,
+                         and per file of the folder: content digest, stat, .npy header
     music_ids.json       one id per track: the row order of every per-track array
     durations.npy        float64 [N] seconds
     m.npy                [N, d]   global music embedding (dual tower, shortlist, detector query)
@@ -53,6 +55,19 @@ so a crash never leaves a folder that looks like an index):
     blocks.npy, block_rows.npy, block_consts.npy, xpool_keys.bin, xpool_gram.bin
                          model.index_music's X-Pool blocks (see "Storage of model.index_music")
     usage.json           (optional) {music_id: {"start", "uses", "support"}}: canonical clips
+
+Integrity. An index is derived data that users keep for months and copy between machines; a
+damaged one ranks tracks wrongly without any error. So the manifest records, for every file
+the writer put in the folder (whatever it is: generic over the folder, not a fixed list), a
+blake2b content digest, its stat (size, mtime, ctime, inode) and, for .npy files, the header;
+and a digest of the manifest itself. open_index checks every time the cheap invariants: the
+manifest digest, the folder holds exactly the recorded files, their sizes and .npy headers,
+ids (distinct strings, one per row) against the arrays' rows and the manifest's count; it
+compares content digests whenever a file's stat differs from the record -- an in-place edit
+that keeps the size and restores the mtime still changes the ctime -- and always with
+verify=True (`ground.py --verify`, `build_music_index.py --verify INDEX`). A copied index
+(new inodes) is therefore digest-checked on every open: about 1 s per GB. A failed check is a
+GroundingError naming the index and the build_music_index.py command that rebuilds it.
 
 dtype float32 (default) gives test.py's numbers; float16 halves the size (scores move by ~1e-3).
 Size per track (d = 256, n valid snippets of 96): tokens 256n + keys 257n + Gram n(3n+7) values,
@@ -67,9 +82,11 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -80,10 +97,11 @@ import torch
 from utils.checkpoint import (adopt_checkpoint_config, jsonable_config, load_checkpoint,
                               load_model_weights, unwrap)
 from utils.engine import foreground_index, spans_to_seconds, top_moment
-from utils.io import atomic_open, atomic_save_npy, atomic_write_json, describe_load_failure, torch_load_plain
+from utils.io import (atomic_open, atomic_save_npy, atomic_write_json, describe_load_failure, file_digest,
+                      manifest_digest, npy_header, stat_record, torch_load_plain)
 from utils.metrics import clip_moments, moment_iou
 
-INDEX_FORMAT = "mgsv-music-index/1"
+INDEX_FORMAT = "mgsv-music-index/2"  # 2: content digests and stats of every file, digest of the manifest
 MANIFEST = "manifest.json"
 USAGE = "usage.json"
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -171,15 +189,16 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
 
 
 def read_music_ids(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], dict[str, float]]:
-    """Track ids (deduplicated, first occurrence first) and any known durations.
+    """Track ids (distinct, in first-occurrence order) and any known durations.
 
-    `source`: a CSV with a music_id column (e.g. an MGSV-EC split; music_total_duration is
-    used when present), a text file with one id per line (blank lines and #-comments
-    skipped), or a sequence of ids.
+    `source`: a CSV with a music_id column (e.g. an MGSV-EC split, where a track is on one row
+    per video that uses it: those repeats are one track; music_total_duration is used when
+    present and must agree across a track's rows), a text file with one id per line (blank
+    lines and #-comments skipped; a repeated id is an error), or a sequence of ids (likewise).
     """
     if not isinstance(source, (str, os.PathLike)):
         ids = [str(x).strip() for x in source]
-        return _dedupe(ids, source_name="the id list"), {}
+        return _checked_ids(ids, source_name="the id list"), {}
     path = Path(source)
     if not path.is_file():
         raise GroundingError(f"--music_ids {path}: file not found")
@@ -189,7 +208,7 @@ def read_music_ids(source: str | os.PathLike | Sequence[str]) -> tuple[list[str]
         return _read_csv_ids(path)
     with open(path, encoding="utf-8") as f:
         ids = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    return _dedupe(ids, source_name=str(path)), {}
+    return _checked_ids(ids, source_name=str(path)), {}
 
 
 def _read_csv_ids(path: Path) -> tuple[list[str], dict[str, float]]:
@@ -201,22 +220,47 @@ def _read_csv_ids(path: Path) -> tuple[list[str], dict[str, float]]:
     if "music_id" not in df.columns:
         raise GroundingError(f"{path}: no music_id column (columns: {', '.join(df.columns[:8])})")
     ids = [s.strip() for s in df["music_id"]]
+    _checked_ids(ids, str(path), repeats_allowed=True)
+    durations = _csv_durations(path, ids, df["music_total_duration"]) if "music_total_duration" in df.columns else {}
+    return list(dict.fromkeys(ids)), durations
+
+
+def _csv_durations(path: Path, ids: list[str], cells: Iterable[str]) -> dict[str, float]:
+    """{music_id: seconds} from a music_total_duration column. A track's rows must agree: two
+    lengths for one id mean two different files under that id, and either would mis-clip moments."""
     durations: dict[str, float] = {}
-    if "music_total_duration" in df.columns:
-        values = pd.to_numeric(df["music_total_duration"], errors="coerce").to_numpy(float)
-        for mid, d in zip(ids, values):
-            if np.isfinite(d) and d > 0 and mid not in durations:
-                durations[mid] = float(d)
-    return _dedupe(ids, source_name=str(path)), durations
+    conflicts: list[str] = []
+    for line, (mid, cell) in enumerate(zip(ids, cells), start=2):  # line 1 is the header
+        cell = cell.strip()
+        if not cell:
+            continue  # unknown: estimated from the mask
+        try:
+            value = float(cell)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise GroundingError(f"{path}: line {line}: music_total_duration {cell!r} of {mid} is not a positive "
+                                 "number of seconds; correct it or leave the cell empty")
+        if durations.setdefault(mid, value) != value and len(conflicts) < 3:
+            conflicts.append(f"{mid} ({durations[mid]:g} and {value:g} s, line {line})")
+    if conflicts:
+        raise GroundingError(f"{path}: music_total_duration differs between rows of one track: "
+                             f"{'; '.join(conflicts)}. A track has one length: correct the rows.")
+    return durations
 
 
-def _dedupe(ids: list[str], source_name: str) -> list[str]:
+def _checked_ids(ids: list[str], source_name: str, repeats_allowed: bool = False) -> list[str]:
+    """`ids` if none is empty and (unless `repeats_allowed`) none repeats; else a one-line error."""
     if any(not i for i in ids):
         raise GroundingError(f"{source_name}: empty music id")
-    out = list(dict.fromkeys(ids))
-    if not out:
+    if not ids:
         raise GroundingError(f"{source_name}: no music ids")
-    return out
+    if not repeats_allowed and len(set(ids)) != len(ids):
+        repeated = list(dict.fromkeys(i for i, n in Counter(ids).items() if n > 1))
+        shown = ", ".join(repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        raise GroundingError(f"{source_name}: music ids listed more than once: {shown}. Each id names one track "
+                             "of the index: remove the repeated lines.")
+    return ids
 
 
 def _load_tensor(path: Path, what: str) -> torch.Tensor:
@@ -620,6 +664,8 @@ def write_index(gm: GroundingModel, music_ids: Sequence[str],
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": jsonable_config(gm.args), **(extra or {}),
         }
         del store
+        manifest["files"] = _file_records(staging)  # last: every file the index holds is written
+        manifest["manifest_digest"] = manifest_digest(manifest)
         atomic_write_json(manifest, staging / MANIFEST)
         _swap_into_place(staging, out)
     except BaseException:
@@ -659,7 +705,8 @@ def build_index(gm: GroundingModel, music_ids: str | os.PathLike | Sequence[str]
             yield encode_tracks(gm, feats, masks)
 
     extra = {"feature_root": str(Path(feature_root).resolve()),
-             "music_ids_source": str(music_ids) if isinstance(music_ids, (str, os.PathLike)) else "list"}
+             "music_ids_source": str(Path(music_ids).resolve()) if isinstance(music_ids, (str, os.PathLike))
+             else "list"}  # absolute: the rebuild command an integrity error prints works from anywhere
     if usage is not None:
         extra.update(usage_source=str(Path(prior_csv).resolve()), tracks_with_usage=sum(m in usage for m in ids))
     return write_index(gm, ids, chunks(), out, durations, dtype, overwrite, extra, usage)
@@ -730,54 +777,160 @@ class MusicLibrary:
         return self._position, self._block_of
 
 
-def open_index(path: str | os.PathLike, gm: GroundingModel | None = None) -> MusicLibrary:
-    """Open an index folder; with `gm`, refuse an index built with other weights."""
-    path = Path(path)
+def _file_records(folder: Path) -> dict[str, dict]:
+    """{name: {"digest", "stat"[, "npy"]}} of every file in an index folder but its manifest."""
+    records = {}
+    for p in sorted(folder.iterdir()):
+        if p.name == MANIFEST or not p.is_file():
+            continue
+        records[p.name] = {"digest": file_digest(p), "stat": stat_record(p)}
+        if p.suffix == ".npy":
+            shape, dtype, _ = npy_header(p)
+            records[p.name]["npy"] = {"shape": list(shape), "dtype": dtype.str}
+    return records
+
+
+def index_rebuild_command(path: str | os.PathLike, manifest: Any = None) -> str:
+    """The build_music_index.py call that rebuilds the index at `path` from what its manifest says
+    it was built from (placeholders in capitals where the manifest is unreadable or silent)."""
+    import shlex
+    m = manifest if isinstance(manifest, dict) else {}
+
+    def known(key: str, placeholder: str) -> str:
+        value = m.get(key)
+        return value if isinstance(value, str) and value not in ("", "list") else placeholder
+
+    argv = ["python", "scripts/build_music_index.py", "--load_uni_model_path", known("checkpoint", "CHECKPOINT"),
+            "--frozen_feature_path", known("feature_root", "FEATURE_ROOT"),
+            "--music_ids", known("music_ids_source", "MUSIC_IDS"), "--out", str(path)]
+    if m.get("dtype") in STORE_DTYPES:
+        argv += ["--dtype", m["dtype"]]
+    if isinstance(m.get("stride"), (int, float)) and not isinstance(m.get("stride"), bool):
+        argv += ["--stride", f"{m['stride']:g}"]
+    if isinstance(m.get("usage_source"), str):
+        argv += ["--prior_csv", m["usage_source"]]
+    return f"`{shlex.join(argv)} --overwrite`"
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest of the index folder `path`, of this code's format; GroundingError otherwise."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise GroundingError(f"--index {path}: not a music index (no {MANIFEST}); "
                              "build one with scripts/build_music_index.py")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GroundingError(f"{manifest_path}: unreadable ({e})") from None
-    if manifest.get("format") != INDEX_FORMAT:
-        raise GroundingError(f"{path}: index format {manifest.get('format')!r}, this code reads {INDEX_FORMAT!r}; "
-                             "rebuild it with scripts/build_music_index.py")
-    if gm is not None:
-        check_index_matches(manifest, gm, path)
-    try:
-        arrays = manifest["arrays"]
-        ids = [str(i) for i in json.loads((path / "music_ids.json").read_text(encoding="utf-8"))]
-        load = lambda name: np.load(path / name, mmap_mode="c").view(np.ndarray)  # noqa: E731
-        tracks = _TrackStore(load("m.npy"), load("mask.npy"), np.load(path / "token_offsets.npy"),
-                             _open_raw(path, arrays["tokens"]),
-                             _open_raw(path, arrays["head_keys"]) if "head_keys" in arrays else None)
-        has_blocks = (path / "blocks.npy").is_file()
-        n = manifest["num_tracks"]
-        library = MusicLibrary(
-            path, manifest, ids, np.load(path / "durations.npy"), tracks,
-            blocks=np.load(path / "blocks.npy") if has_blocks else np.zeros((0, 5), np.int64),
-            block_rows=np.load(path / "block_rows.npy") if has_blocks else np.arange(n),
-            block_consts=load("block_consts.npy") if has_blocks else np.zeros((n, 10), np.float32),
-            keys=_open_raw(path, arrays["keys"]), gram=_open_raw(path, arrays["gram"]),
-            usage=_read_usage_file(path / USAGE))
-    except (OSError, ValueError, KeyError) as e:
-        raise GroundingError(f"{path}: incomplete or corrupt index ({type(e).__name__}: {e}); rebuild it") from None
-    if len(ids) != n or library.durations.shape != (n,) or tracks.m.shape[0] != n or len(library.block_rows) != n:
-        raise GroundingError(f"{path}: arrays disagree with the {n} tracks of the manifest; rebuild it")
-    if len(set(ids)) != n:
-        raise GroundingError(f"{path}: music_ids.json repeats ids; the index is damaged: rebuild it with "
-                             "scripts/build_music_index.py")
-    # The per-track arrays are small (N x d); a NaN there would make a track's score NaN, and a
-    # NaN score never ranks, so the track would vanish from every result without a word.
-    for name, array in (("m.npy", tracks.m), ("mask.npy", tracks.mask), ("durations.npy", library.durations),
-                        ("block_consts.npy", library.block_consts)):
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
+        raise GroundingError(f"index {path}: {MANIFEST} is unreadable ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); rebuild it with "
+                             f"{index_rebuild_command(path)}") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if found == "mgsv-music-index/1":
+        raise GroundingError(f"index {path} was built by an earlier version (format {found}) that recorded no "
+                             f"content digests; rebuild it with {index_rebuild_command(path, manifest)}")
+    if found != INDEX_FORMAT:
+        raise GroundingError(f"index {path} has format {str(found)[:40]!r}, this code reads {INDEX_FORMAT!r}; "
+                             f"rebuild it with {index_rebuild_command(path, manifest)}")
+    return manifest
+
+
+def _npy_problem(path: Path, record: dict) -> str | None:
+    """A .npy file whose header or size disagrees with its record (reads the header only)."""
+    shape, dtype, offset = npy_header(path)
+    if [list(shape), dtype.str] != [record["npy"]["shape"], record["npy"]["dtype"]]:
+        return f"{path.name} holds a {dtype.str} array of shape {list(shape)}, not the one it was built with"
+    if offset + dtype.itemsize * int(np.prod(shape)) != path.stat().st_size:
+        return f"{path.name} is not the size its header says (truncated or extended)"
+    return None
+
+
+def _index_problem(path: Path, manifest: dict, verify: bool) -> str | None:
+    """What is wrong with an index folder (cheap invariants always, digests when due), or None."""
+    if manifest.get("manifest_digest") != manifest_digest(manifest):
+        return f"inconsistent: {MANIFEST} was edited since the index was built"
+    records = manifest["files"]
+    present = {p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")} - {MANIFEST}
+    if present != set(records):
+        missing, extra = sorted(set(records) - present), sorted(present - set(records))
+        return (f"incomplete: {', '.join(missing)} missing" if missing else
+                f"not as built: it holds {', '.join(extra[:3])}, which the index was not built with")
+    for name, record in records.items():
+        if (path / name).stat().st_size != record["stat"][0]:
+            return f"damaged: {name} is not the size it was built with"
+    for name, record in records.items():  # the content, when the stat says the file was touched
+        if (verify or stat_record(path / name) != record["stat"]) and file_digest(path / name) != record["digest"]:
+            return f"damaged: {name} changed since the index was built (its content digest differs)"
+    for name, record in records.items():
+        problem = _npy_problem(path / name, record) if "npy" in record else None
+        if problem:
+            return f"damaged: {problem}"
+    for info in manifest["arrays"].values():  # raw .bin files: size = rows x row size
+        expected = np.dtype(info["dtype"]).itemsize * int(np.prod(info["shape"]))
+        if (path / info["file"]).stat().st_size != expected:
+            return f"damaged: {info['file']} is not the size its manifest entry says"
+    return None
+
+
+def _read_ids(path: Path, n: int) -> list[str]:
+    ids = json.loads((path / "music_ids.json").read_text(encoding="utf-8"))
+    if not (isinstance(ids, list) and len(ids) == n and all(isinstance(i, str) for i in ids)
+            and len(set(ids)) == n):
+        raise ValueError(f"music_ids.json does not hold {n} distinct id strings")
+    return ids
+
+
+def _load_library(path: Path, manifest: dict) -> MusicLibrary:
+    """Memory-map the arrays of a checked index folder."""
+    arrays, n = manifest["arrays"], manifest["num_tracks"]
+    ids = _read_ids(path, n)
+    load = lambda name: np.load(path / name, mmap_mode="c").view(np.ndarray)  # noqa: E731
+    tracks = _TrackStore(load("m.npy"), load("mask.npy"), np.load(path / "token_offsets.npy"),
+                         _open_raw(path, arrays["tokens"]),
+                         _open_raw(path, arrays["head_keys"]) if "head_keys" in arrays else None)
+    has_blocks = (path / "blocks.npy").is_file()
+    library = MusicLibrary(
+        path, manifest, ids, np.load(path / "durations.npy"), tracks,
+        blocks=np.load(path / "blocks.npy") if has_blocks else np.zeros((0, 5), np.int64),
+        block_rows=np.load(path / "block_rows.npy") if has_blocks else np.arange(n),
+        block_consts=load("block_consts.npy") if has_blocks else np.zeros((n, 10), np.float32),
+        keys=_open_raw(path, arrays["keys"]), gram=_open_raw(path, arrays["gram"]),
+        usage=_read_usage_file(path / USAGE))
+    offsets = tracks.offsets
+    if (library.durations.shape != (n,) or tracks.m.shape[0] != n or tracks.mask.shape[0] != n
+            or len(library.block_rows) != n or offsets.shape != (n + 1,) or offsets[0] != 0
+            or np.any(np.diff(offsets) < 0) or offsets[-1] != tracks.tokens.shape[0]):
+        raise ValueError(f"the arrays disagree with the {n} tracks of the manifest")
+    return library
+
+
+def _check_finite(path: Path, library: MusicLibrary) -> None:
+    """The per-track arrays are small (N x d); a NaN there would make a track's score NaN, and a
+    NaN score never ranks, so the track would vanish from every result without a word."""
+    n, ids = len(library), library.music_ids
+    for name, array in (("m.npy", library.tracks.m), ("mask.npy", library.tracks.mask),
+                        ("durations.npy", library.durations), ("block_consts.npy", library.block_consts)):
         finite = np.isfinite(np.asarray(array, dtype=np.float64).reshape(n, -1)).all(axis=1) if n else []
         if not np.all(finite):
             bad = [ids[i] for i in np.flatnonzero(~np.asarray(finite))[:3]]
             raise GroundingError(f"{path / name}: NaN/inf values for track(s) {', '.join(bad)}; the index is damaged: "
-                                 "rebuild it with scripts/build_music_index.py")
+                                 f"rebuild it with {index_rebuild_command(path, library.manifest)}")
+
+
+def open_index(path: str | os.PathLike, gm: GroundingModel | None = None, verify: bool = False) -> MusicLibrary:
+    """Open an index folder after checking its integrity (see "Integrity" above; verify=True
+    compares every content digest); with `gm`, refuse an index built with other weights."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    try:
+        problem = _index_problem(path, manifest, verify)
+        library = None if problem else _load_library(path, manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        problem = f"unreadable or inconsistent ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if problem:
+        raise GroundingError(f"index {path} is {problem}; rebuild it with {index_rebuild_command(path, manifest)}")
+    if gm is not None:
+        check_index_matches(manifest, gm, path)
+    _check_finite(path, library)
     return library
 
 
