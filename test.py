@@ -61,9 +61,10 @@ def prediction_rows(collected, details: dict, ranking: int) -> list[dict]:
     return rows
 
 
-def usage_prior(args, state: dict, log):
+def usage_prior(args, state: dict, log, loaded: dict):
     """(prior CSV, its annotations) for the breakdown: --prior_csv, else the checkpoint's --train_csv
-    when that file exists here; (None, None) when there is none or --prior_csv none."""
+    when that file exists here; (None, None) when there is none or --prior_csv none. `loaded`
+    caches the CSVs read (the checkpoints of one run share theirs)."""
     from utils.annotations import load_annotations
     if args.prior_csv.lower() == "none":
         return None, None
@@ -71,7 +72,9 @@ def usage_prior(args, state: dict, log):
     if not args.prior_csv and not Path(path).is_file():
         log.info("no training CSV known for this checkpoint: seen/unseen breakdown skipped (pass --prior_csv)")
         return None, None
-    return path, load_annotations(path, args.max_m_duration, args.skip_bad_rows)
+    if path not in loaded:
+        loaded[path] = load_annotations(path, args.max_m_duration, args.skip_bad_rows)
+    return path, loaded[path]
 
 
 def with_prior_name(target: Path) -> Path:
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     # so it is built after each checkpoint's settings are adopted, and rebuilt only when they change.
     data_key, loader = None, None
     load_annotations(args.test_csv, args.max_m_duration, args.skip_bad_rows)  # a bad CSV fails before any loading
+    priors: dict = {}
+    if args.prior_csv and args.prior_csv.lower() != "none":  # a bad --prior_csv too
+        usage_prior(args, {}, log, priors)
 
     def loader_for(args):
         nonlocal data_key, loader
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics, collected, details = evaluate(model, criterion, loader_for(args), device, args,
                                                show_progress=dist_info.is_main)
         log.info(f"{path} (epoch {state.get('epoch')}):\n" + format_table({path.name: metrics}))
-        prior_csv, prior = usage_prior(args, state, log)
+        prior_csv, prior = usage_prior(args, state, log, priors)
         if prior is not None:
             masks = subset_masks(collected.music_ids, collected.gt_se[:, 0], canonical_clips(prior))
             breakdown = subset_metrics(details["rank0"], details["ious"], masks)
