@@ -29,6 +29,7 @@ from utils.metrics import METRIC_KEYS, format_table
 from utils.options import MODEL_KEYS, parse_args
 from utils.preflight import evaluation_dir, prediction_identity, run_cli
 from utils.runtime import make_eval_loader, resolve_device, seed_everything
+from utils.stopwatch import Stopwatch, process_seconds
 
 
 def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
@@ -94,8 +95,15 @@ def split_name(csv_path: str) -> str:
     return "test" if "test" in name else ("val" if "val" in name else Path(csv_path).stem)
 
 
+TIME_PHASES = ("setup", "load", "encode", "score", "metrics")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from model.made import build_criterion, build_model
+    # Where the wall time goes, logged last: "setup" is the interpreter's start, the imports, the flags, the
+    # checkpoints and the models; "load" / "encode" / "score" / "metrics" as in utils.engine.evaluate
+    # (load includes reading the CSV and listing the feature folders); "other" the rest.
+    watch = Stopwatch()
+    from model.made import build_model
     from utils.annotations import load_annotations
     from utils.dataset import build_dataset
     from utils.engine import ious_with_usage_prior
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     # so it is built after each checkpoint's settings are adopted, and rebuilt only when they change.
     data_key, loader = None, None
     load_annotations(args.test_csv, args.max_m_duration, args.skip_bad_rows)  # a bad CSV fails before any loading
+    watch.seconds["setup"] += process_seconds()
 
     def loader_for(args):
         nonlocal data_key, loader
@@ -138,15 +147,18 @@ def main(argv: list[str] | None = None) -> int:
 
     results, results_prior = {}, {}
     for path in paths:
-        state = load_checkpoint(path)
-        changed = adopt_checkpoint_config(args, state)
-        if changed:
-            log.info(f"{path.name}: using the checkpoint's settings " + "; ".join(changed))
-        model = build_model(args).to(device)
-        load_model_weights(model, state, path)
-        criterion = build_criterion(args).to(device)
-        metrics, collected, details = evaluate(model, criterion, loader_for(args), device, args,
-                                               show_progress=dist_info.is_main)
+        with watch.phase("setup"):
+            state = load_checkpoint(path)
+            changed = adopt_checkpoint_config(args, state)
+            if changed:
+                log.info(f"{path.name}: using the checkpoint's settings " + "; ".join(changed))
+            model = build_model(args).to(device)
+            load_model_weights(model, state, path)
+        with watch.phase("load"):
+            loader = loader_for(args)
+        # No criterion: the evaluation losses are train.py's (its validation log), not reported here.
+        metrics, collected, details = evaluate(model, None, loader, device, args,
+                                               show_progress=dist_info.is_main, watch=watch)
         log.info(f"{path} (epoch {state.get('epoch')}):\n" + format_table({path.name: metrics}))
         prior_csv, prior = usage_prior(args, state, log)
         if prior is not None:
@@ -182,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info(f"metrics with the usage prior written to {with_prior_name(out)}")
     if len(results) > 1:
         log.info("summary:\n" + format_table({k: {m: v[m] for m in METRIC_KEYS} for k, v in results.items()}))
+    log.info(f"time since the process started: {watch.line(TIME_PHASES, total=process_seconds())}")
     D.cleanup()
     return 0
 
