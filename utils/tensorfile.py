@@ -7,7 +7,8 @@ through a pure-Python restricted unpickler and opens the archive through a gener
 encoding the split. This module reads the same files in a fraction of that:
 
   * the file is read once; the zip's central directory and local headers are parsed here,
-    and only STORED (uncompressed) records are accepted, their CRC-32 checked;
+    and only STORED (uncompressed) records are accepted. CRC-32s are not checked, as
+    torch.load does not check them (a flipped byte in the data loads as it does there);
   * data.pkl is never unpickled. Its opcodes (pickletools.genops, a parser) are interpreted
     by a stack machine that knows only what `torch.save` writes for one plain tensor:
     strings, ints, tuples, False, memo puts/gets, the storage reference (BINPERSID) and two
@@ -22,10 +23,11 @@ compares them over dtypes and shapes), or goes through torch.load.
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import pickletools
 import struct
-import zlib
 from typing import Any
 
 import numpy as np
@@ -42,8 +44,8 @@ _ORDERED_DICT = ("collections", "OrderedDict")
 _EMPTY_HOOKS = object()          # the OrderedDict() torch.save writes for "no backward hooks"
 _MAX_FILE = 64 << 20             # a feature file is ~100-300 KB; anything this big goes to torch.load
 _EOCD = b"PK\x05\x06"
-_CENTRAL = b"PK\x01\x02"
-_LOCAL = b"PK\x03\x04"
+_CENTRAL_SIG = 0x02014B50        # b"PK\x01\x02" as a little-endian int
+_LOCAL_SIG = 0x04034B50          # b"PK\x03\x04"
 
 
 class _Unsupported(Exception):
@@ -72,35 +74,33 @@ class _Storage:
 
 
 def _zip_records(buf: memoryview) -> dict[str, memoryview]:
-    """{name: bytes} of a zip archive's STORED records, CRC-checked (zip64 and compression: unsupported)."""
+    """{name: bytes} of a zip archive's STORED records (zip64 and compression: unsupported)."""
     n = len(buf)
-    # The end-of-central-directory record: 22 bytes, plus a comment torch never writes.
-    eocd = bytes(buf[max(0, n - 22 - 1024):]).rfind(_EOCD)
-    if eocd < 0:
-        raise _Unsupported
-    eocd += max(0, n - 22 - 1024)
+    # The end-of-central-directory record: its 22 bytes end the file unless a comment follows
+    # (torch writes none; an archive with one is searched for).
+    eocd = n - 22
+    if eocd < 0 or buf[eocd:eocd + 4] != _EOCD:
+        eocd = bytes(buf[max(0, n - 22 - 1024):]).rfind(_EOCD)
+        if eocd < 0:
+            raise _Unsupported
+        eocd += max(0, n - 22 - 1024)
     count, cd_size, cd_offset = struct.unpack_from("<10xHII", buf, eocd)
     if cd_offset + cd_size > eocd:
         raise _Unsupported
     records: dict[str, memoryview] = {}
     pos = cd_offset
     for _ in range(count):
-        if bytes(buf[pos:pos + 4]) != _CENTRAL:
+        (sig, method, csize, usize, name_len, extra_len, comment_len,
+         local) = struct.unpack_from("<I6xH8xIIHHH8xI", buf, pos)
+        if sig != _CENTRAL_SIG or method != 0 or csize != usize:
             raise _Unsupported
-        (method, crc, csize, usize, name_len, extra_len, comment_len,
-         local) = struct.unpack_from("<10xH4xIIIHHH8xI", buf, pos)
-        name = bytes(buf[pos + 46:pos + 46 + name_len]).decode("utf-8")
+        name = str(buf[pos + 46:pos + 46 + name_len], "utf-8")
         pos += 46 + name_len + extra_len + comment_len
-        if method != 0 or csize != usize or bytes(buf[local:local + 4]) != _LOCAL:
-            raise _Unsupported
-        l_name, l_extra = struct.unpack_from("<HH", buf, local + 26)
+        l_sig, l_name, l_extra = struct.unpack_from("<I22xHH", buf, local)
         start = local + 30 + l_name + l_extra
-        if start + usize > cd_offset:
+        if l_sig != _LOCAL_SIG or start + usize > cd_offset:
             raise _Unsupported
-        data = buf[start:start + usize]
-        if zlib.crc32(data) != crc:
-            raise _Unsupported   # torch.load then reports the damaged file in its own words
-        records[name] = data
+        records[name] = buf[start:start + usize]
     return records
 
 
@@ -175,6 +175,21 @@ def _interpret(pickle_bytes: bytes) -> tuple[_Storage, int, tuple, tuple]:
     return storage, offset, size, stride
 
 
+@functools.lru_cache(maxsize=256)
+def _layout(pickle_bytes: bytes) -> tuple[str, np.dtype, tuple[int, ...], int]:
+    """(storage record key, dtype, shape, bytes) of a whole, contiguous tensor, or _Unsupported.
+
+    A pure function of the pickle's bytes, memoised: the files of one folder share one shape and
+    dtype, hence one pickle, and walking its opcodes costs more than the rest of reading a file."""
+    storage, offset, shape, stride = _interpret(pickle_bytes)
+    dtype = np.dtype(storage.dtype)
+    numel = math.prod(shape)
+    contiguous = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    if offset != 0 or numel != storage.numel or (numel > 1 and stride != contiguous):
+        raise _Unsupported
+    return storage.key, dtype, shape, numel * dtype.itemsize
+
+
 def read_tensor(path: str | os.PathLike) -> torch.Tensor | None:
     """The tensor in a file written by torch.save(tensor), or None when the file is not in the
     plain layout this reader knows (then use torch.load). Raises OSError when it cannot be read."""
@@ -188,20 +203,16 @@ def read_tensor(path: str | os.PathLike) -> torch.Tensor | None:
     try:
         records = _zip_records(memoryview(buf))
         pkl = [k for k in records if k.endswith("/data.pkl") and k.count("/") == 1]
-        if len(pkl) != 1:
+        if len(pkl) != 1 or not np.little_endian:
             raise _Unsupported
         prefix = pkl[0][:-len("data.pkl")]
-        if bytes(records.get(prefix + "byteorder", b"little")) != b"little" or np.little_endian is False:
+        if records.get(prefix + "byteorder", b"little") != b"little":
             raise _Unsupported
-        storage, offset, shape, stride = _interpret(bytes(records[pkl[0]]))
-        data = records.get(f"{prefix}data/{storage.key}")
-        dtype = np.dtype(storage.dtype)
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        contiguous = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
-        if (data is None or offset != 0 or len(data) != storage.numel * dtype.itemsize or numel != storage.numel
-                or (numel > 1 and stride != contiguous)):
+        key, dtype, shape, nbytes = _layout(bytes(records[pkl[0]]))
+        data = records.get(f"{prefix}data/{key}")
+        if data is None or len(data) != nbytes:
             raise _Unsupported
     except (_Unsupported, struct.error, UnicodeDecodeError, ValueError, IndexError, KeyError, TypeError):
         return None
     # `data` is a view of `buf` (a bytearray): the tensor owns writable memory, no copy.
-    return torch.from_numpy(np.frombuffer(data, dtype=dtype, count=numel).reshape(shape))
+    return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(shape))
