@@ -229,7 +229,7 @@ def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: I
         with watch.phase("encode"):
             batch = to_device(batch, device)
             with autocast_context(device, args.amp):
-                outputs = model(batch)
+                outputs = model(batch, losses=criterion is not None)
                 if criterion is not None:
                     loss, parts = criterion(outputs, batch)
                     means.update({"loss": loss, **parts})
