@@ -1,7 +1,7 @@
 """Speed and memory benchmark of the training step, data loading, MsG evaluation and grounding.
 
     python scripts/benchmark.py [--device cpu|cuda] [--json OUT] [--quick]
-        [--sections train load msg grounding epoch] [--threads N] [--workdir DIR]
+        [--sections train load msg grounding eval epoch] [--threads N] [--workdir DIR]
 
 Everything runs on synthetic data: a demo dataset in the official layout
 (scripts/make_demo_data.py, then packed with scripts/pack_features.py) for training and
@@ -20,6 +20,10 @@ several runs. Sections:
             (peak RSS of a fresh subprocess per size on the CPU, max allocated on CUDA); the
             straightforward all-pairs X-Pool call of the original (--naive) where its estimated
             memory fits; and the largest difference between the two at N = 500.
+  eval      test.py end to end (a fresh process, as a user runs it) on a demo split of --eval_size
+            videos and as many tracks read from per-id files (no packed store), with a randomly
+            initialised checkpoint: wall time, peak RSS and test.py's own time breakdown
+            (setup / load / encode / score / metrics), median of --eval_repeats runs.
   epoch     whole training epochs as train.py runs them: utils/runtime.build_loaders (the training
             DataLoader or, with --feature_device, resident features) + build_training, then per epoch
             utils/engine.train_one_epoch and the validation (utils.engine.evaluate), on a packed demo
@@ -75,7 +79,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small sizes and few repeats (a smoke run, not numbers to quote)")
     p.add_argument("--sections", nargs="+", default=["train", "load", "msg", "grounding"],
-                   choices=["train", "load", "msg", "grounding", "epoch"])
+                   choices=["train", "load", "msg", "grounding", "eval", "epoch"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder, removed)")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="training autocast (CUDA)")
@@ -91,6 +95,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_passes", type=int, default=None, help="DataLoader passes per store (default 3)")
     p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers (default: train.py's default, capped at the CPU count)")
+    # eval
+    p.add_argument("--eval_size", type=int, default=None, help="videos (= tracks) of the eval section's split "
+                                                                "(default 2000; quick: 200)")
+    p.add_argument("--eval_repeats", type=int, default=None, help="test.py runs (default 3; quick: 1)")
     # epoch
     p.add_argument("--epoch_videos", type=int, default=None,
                    help="training videos of the epoch section's data (default: 50000 on CUDA, 2048 on the CPU; "
@@ -433,6 +441,80 @@ def format_msg(res: dict) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------- test.py end to end
+
+# Runs test.py as `python test.py ...` would, and reports the process's peak RSS (VmHWM) from an
+# atexit hook: the parent's getrusage would carry its own (larger) peak into the child's.
+_EVAL_WRAPPER = """
+import atexit, runpy, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        kb = next((int(l.split()[1]) for l in f if l.startswith("VmHWM:")), 0)
+    sys.stderr.write(f"BENCHMARK_PEAK_RSS_KB {kb}\\n")
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, ".")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def make_eval_data(workdir: Path, size: int) -> tuple[Path, Path]:
+    """(demo root, checkpoint): a split of `size` videos, one per track, per-id files only, and a
+    randomly initialised default model saved as train.py saves one."""
+    from model.made import build_model
+    from utils.checkpoint import save_checkpoint
+    root = workdir / f"eval_{size}"
+    if not (root / "demo_data.json").is_file():
+        load_script("make_demo_data").make_demo_data(root, num_music=size, num_videos=100, val_size=size,
+                                                     test_size=size, seed=0, overwrite=True)
+    ckpt = root / "pytorch_model.bin.best_r1"
+    if not ckpt.is_file():
+        args = default_args(["--device", "cpu"])
+        torch.manual_seed(0)
+        save_checkpoint(ckpt, build_model(args), args, epoch=0)
+    return root, ckpt
+
+
+def bench_eval(root: Path, ckpt: Path, device: torch.device, repeats: int, threads: int,
+               log: Callable[[str], None]) -> list[dict]:
+    import re
+    cmd = [sys.executable, "-c", _EVAL_WRAPPER, "test.py", "--load_uni_model_path", str(ckpt),
+           "--test_csv", str(root / "dataset/MGSV-EC/test_data.csv"),
+           "--frozen_feature_path", str(root / "features/Kuai_feature"), "--device", device.type,
+           "--num_workers", "0", "--prior_csv", "none", "--metrics_json", str(root / "metrics.json")]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    rows = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"test.py failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        out = proc.stdout + proc.stderr
+        peak = re.search(r"BENCHMARK_PEAK_RSS_KB (\d+)", out)
+        line = re.search(r"time since the process started: (.*)", out)
+        phases = {k: float(v) for k, v in re.findall(r"(\w+) (-?[\d.]+) s", line.group(1))} if line else {}
+        row = {"wall_s": round(wall, 2), "peak_rss_gb": round(int(peak.group(1)) / 2**20, 2) if peak else None,
+               "phases_s": phases, "load_average": [round(x, 2) for x in os.getloadavg()]}
+        log(f"[eval] {row}")
+        rows.append(row)
+    return rows
+
+
+def format_eval(rows: list[dict], size: int) -> str:
+    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+    names = ["setup", "load", "encode", "score", "metrics", "other", "total"]
+    cells = [f"{med([r['phases_s'].get(n, float('nan')) for r in rows]):.2f}" for n in names]
+    walls = ", ".join(f"{r['wall_s']:.2f}" for r in rows)
+    return table(["videos x tracks", "wall s (median; runs)", "peak RSS GB", *[f"{n} s" for n in names]],
+                 [[f"{size:,} x {size:,}", f"{med([r['wall_s'] for r in rows]):.2f} ({walls})",
+                   f"{max(r['peak_rss_gb'] or 0 for r in rows):.2f}", *cells]]) + (
+        "\n\ntest.py --num_workers 0 --prior_csv none on per-id files; the phases are test.py's own breakdown "
+        "(medians), 'total' its time since the process started, wall the parent's clock around the process.")
+
+
 # ----------------------------------------------------------------------------------- whole epochs
 
 PAPER_TRAIN_ROWS, PAPER_VAL_ROWS, PAPER_EPOCHS, PAPER_BATCH = 49194, 2000, 100, 512
@@ -566,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     epoch_val = ns.epoch_val or (40 if q else 2000 if cuda else 200)
     epochs_timed = ns.epochs_timed or (1 if q else 2)
     epoch_batch = ns.epoch_batch or (64 if q else PAPER_BATCH)
+    eval_size = ns.eval_size or (200 if q else 2000)
+    eval_repeats = ns.eval_repeats or (1 if q else 3)
     feature_devices = ns.feature_devices or (["auto", "cuda"] if cuda else ["auto"])
 
     from utils.grounding_bench import format_benchmark
@@ -587,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
             rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print, warmup=1 if q else 2)
             results["sections"]["train"] = rows
             report += ["", "### Training step", "", format_train(rows)]
+        if "eval" in ns.sections:
+            eval_root, ckpt = make_eval_data(workdir, eval_size)
+            rows = bench_eval(eval_root, ckpt, device, eval_repeats, ns.threads, print)
+            results["sections"]["eval"] = {"size": eval_size, "runs": rows}
+            report += ["", "### test.py end to end (per-id files)", "", format_eval(rows, eval_size)]
         if "epoch" in ns.sections:
             epoch_root = make_epoch_data(workdir, epoch_videos, epoch_music, epoch_val)
             step_rows = [r for r in results["sections"].get("train", []) if r["batch"] == epoch_batch]

@@ -48,3 +48,16 @@ def test_benchmark_epoch_section(tmp_path):
         assert r["train_rows"] == 48 and r["val_rows"] == 8 and len(r["epochs"]) == 1
         assert 0 < r["epoch_samples_per_s"] <= r["train_samples_per_s"] and r["paper_100_epochs_h_projected"] > 0
     assert res["step"][0]["batch"] == 16 and res["step"][0]["samples_per_s"] > 0
+
+
+def test_benchmark_eval_section(tmp_path):
+    """test.py end to end in a fresh process: its time breakdown and peak RSS are read back."""
+    bench = load_script("benchmark")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--sections", "eval", "--eval_size", "24", "--eval_repeats", "1", "--workdir",
+                       str(tmp_path / "work"), "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["sections"]["eval"]
+    run = res["runs"][0]
+    assert res["size"] == 24 and run["wall_s"] > 0 and run["peak_rss_gb"] > 0
+    assert set(run["phases_s"]) == {"setup", "load", "encode", "score", "metrics", "other", "total"}
+    assert run["phases_s"]["total"] <= run["wall_s"]
