@@ -14,7 +14,8 @@ several runs. Sections:
             (model.fast_ops.reference_paths(), plain Adam) at --reference_batches.
   load      samples/s of one full pass of the training DataLoader (utils/runtime.make_loader:
             same sampler, workers, pinning as train.py) over the per-id .pt files and over the
-            packed store.
+            packed store; and the time to read one per-id file, torch.load vs the reader the
+            per-id store uses (utils/tensorfile.py).
   msg       MsG evaluation (every video against every track, exact): model.index_music +
             model.score_videos at N = 500 ... 4,000 videos x N tracks, wall time and peak memory
             (peak RSS of a fresh subprocess per size on the CPU, max allocated on CUDA); the
@@ -297,12 +298,40 @@ def bench_load(root: Path, device: torch.device, passes: int, num_workers: int |
     return rows
 
 
+def bench_file_read(root: Path, log: Callable[[str], None], count: int = 500, passes: int = 3) -> dict:
+    """Microseconds per per-id file: torch.load(weights_only=True) vs utils.tensorfile.read_tensor
+    (what the per-id store reads with), over the first `count` video and music feature files."""
+    from utils.features import music_modality, video_modality
+    from utils.io import torch_load_plain
+    from utils.tensorfile import read_tensor
+    features = root / "features/Kuai_feature"
+    files = []
+    for modality in (video_modality(features), music_modality(features)):
+        files += sorted((modality.base / modality.feat_sub).glob("*.pt"))[:count]
+    out = {"files": len(files)}
+    for name, read in (("torch_load_us", torch_load_plain), ("read_tensor_us", read_tensor)):
+        times = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for path in files:
+                read(path)
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) / len(files) * 1e6, 1)
+    log(f"[load] per-file read {out}")
+    return out
+
+
 def format_load(rows: list[dict]) -> str:
-    out = [[r["store"], r["workers"], r["samples_per_pass"], r["samples_per_s"]] for r in rows]
+    out = [[r["store"], r["workers"], r["samples_per_pass"], r["samples_per_s"]] for r in rows if "store" in r]
     text = table(["store", "workers", "samples / pass", "samples / s (median pass)"], out)
-    by = {r["store"]: r["samples_per_s"] for r in rows}
+    by = {r["store"]: r["samples_per_s"] for r in rows if "store" in r}
     if "packed" in by and by.get("per-id"):
         text += f"\n\npacked / per-id: {by['packed'] / by['per-id']:.1f}x"
+    reads = [r for r in rows if "read_tensor_us" in r]
+    if reads:
+        r = reads[0]
+        text += (f"\n\nOne per-id feature file ({r['files']} video and music files, median of 3 passes): "
+                 f"torch.load {r['torch_load_us']} us, utils.tensorfile.read_tensor {r['read_tensor_us']} us.")
     return text
 
 
@@ -687,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             report += ["", f"### Whole training epochs ({epoch_videos:,} training videos, {epoch_music:,} tracks, "
                        f"{epoch_val:,} validation videos)", "", format_epoch(rows, step_rows)]
         if "load" in ns.sections:
-            rows = bench_load(root, device, passes, ns.num_workers, print)
+            rows = bench_load(root, device, passes, ns.num_workers, print) + [bench_file_read(root, print)]
             results["sections"]["load"] = rows
             report += ["", "### Data loading (one pass of the training DataLoader, batch 64)", "", format_load(rows)]
         if "msg" in ns.sections:

@@ -17,7 +17,9 @@ def test_benchmark_smoke(tmp_path):
     assert env["cpu"] and env["torch"] and env["torch_threads"] == 1
     train = res["sections"]["train"]
     assert {r["path"] for r in train} == {"fast", "reference"} and all(r["samples_per_s"] > 0 for r in train)
-    load = {r["store"]: r for r in res["sections"]["load"]}
+    load = {r["store"]: r for r in res["sections"]["load"] if "store" in r}
+    read = [r for r in res["sections"]["load"] if "read_tensor_us" in r][0]
+    assert read["files"] > 0 and read["torch_load_us"] > 0 and read["read_tensor_us"] > 0
     assert set(load) == {"per-id", "packed"} and load["packed"]["workers"] == 0
     assert load["packed"]["samples_per_pass"] == load["per-id"]["samples_per_pass"] > 0
     msg = res["sections"]["msg"]
