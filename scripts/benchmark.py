@@ -30,10 +30,11 @@ several runs. Sections:
             utils/engine.train_one_epoch and the validation (utils.engine.evaluate), on a packed demo
             dataset of --epoch_videos training videos, --epoch_music tracks and --epoch_val val videos
             (one per track; default: the paper's scale on CUDA, 50,000 / 4,000 / 2,000, and a
-            scaled-down 2,048 / 400 / 200 on the CPU). One untimed warm-up epoch, then
-            --epochs_timed epochs; checkpoints are not written. Reports samples/s of whole epochs
-            (training rows / (training + validation time)) beside the step-only rate of the train
-            section at the same batch, and projects the paper's 100 epochs at batch 512 over
+            scaled-down 1,024 / 200 / 200 on the CPU, a few minutes). Two untimed warm-up steps,
+            then --epochs_timed epochs (2 on CUDA, 1 on the CPU); checkpoints are not written.
+            Reports samples/s of whole epochs (training rows / (training + validation time))
+            beside the step-only rate of the train section at the same batch (--epoch_batch,
+            512 by default), and projects the paper's 100 epochs at that batch over
             MGSV-EC's 49,194 training and 2,000 validation videos (validation scaled from the measured
             one: loading and encoding linearly, scoring and metrics quadratically in the videos).
   grounding the grounding tools (utils/grounding_bench.py) on synthetic 2k/20k/100k libraries:
@@ -102,13 +103,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_repeats", type=int, default=None, help="test.py runs (default 3; quick: 1)")
     # epoch
     p.add_argument("--epoch_videos", type=int, default=None,
-                   help="training videos of the epoch section's data (default: 50000 on CUDA, 2048 on the CPU; "
+                   help="training videos of the epoch section's data (default: 50000 on CUDA, 1024 on the CPU; "
                         "quick: 256)")
-    p.add_argument("--epoch_music", type=int, default=None, help="tracks (default 4000 on CUDA, 400 on the CPU)")
+    p.add_argument("--epoch_music", type=int, default=None, help="tracks (default 4000 on CUDA, 200 on the CPU)")
     p.add_argument("--epoch_val", type=int, default=None, help="validation videos (default 2000 on CUDA, 200 on the CPU)")
     p.add_argument("--epoch_batch", type=int, default=None, help="training batch of the epoch section (default 512; "
                                                                  "quick: 64)")
-    p.add_argument("--epochs_timed", type=int, default=None, help="timed epochs after the warm-up (default 2; quick: 1)")
+    p.add_argument("--epochs_timed", type=int, default=None,
+                   help="timed epochs after the warm-up (default 2 on CUDA, 1 on the CPU)")
     p.add_argument("--feature_devices", nargs="+", default=None, choices=["auto", "cpu", "cuda"],
                    help="--feature_device values timed in the epoch section (default: auto, and cuda on CUDA)")
     # grounding (utils/grounding_bench.py)
@@ -560,7 +562,7 @@ def make_epoch_data(workdir: Path, videos: int, music: int, val: int) -> Path:
 
 
 def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, feature_devices: list[str],
-                amp: str, log: Callable[[str], None]) -> list[dict]:
+                amp: str, log: Callable[[str], None], warmup_steps: int = 2) -> list[dict]:
     """Whole epochs (training + validation) per --feature_device value, as train.py runs them."""
     from utils.distributed import DistInfo
     from utils.engine import EVAL_PHASES, evaluate, train_one_epoch
@@ -581,7 +583,11 @@ def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, featu
         model, criterion, optimizer, scheduler, _ = build_training(args, device, DistInfo(), len(train_loader))
         train_rows = len(train_loader) * batch
         epochs_out, step = [], 0
-        for epoch in range(epochs + 1):          # epoch 0: warm-up (allocator, first calls), not reported
+        # Warm-up (allocator, first calls, the loader's first batches): a few steps of epoch 0, not reported.
+        sampler.set_epoch(0)
+        _, step = train_one_epoch(model, criterion, train_loader, optimizer, scheduler, device, 0, args,
+                                  Scalars(None, enabled=False), step, show_progress=False, max_steps=warmup_steps)
+        for epoch in range(1, epochs + 1):
             sampler.set_epoch(epoch)
             sync(device)
             t0 = time.perf_counter()
@@ -593,9 +599,8 @@ def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, featu
             t0 = time.perf_counter()
             evaluate(model, criterion, val_loader, device, args, show_progress=False, watch=watch)
             val_s = time.perf_counter() - t0
-            if epoch:
-                epochs_out.append({"train_s": round(train_s, 2), "val_s": round(val_s, 2),
-                                   "val_phases": {k: round(watch.seconds.get(k, 0.0), 2) for k in EVAL_PHASES}})
+            epochs_out.append({"train_s": round(train_s, 2), "val_s": round(val_s, 2),
+                               "val_phases": {k: round(watch.seconds.get(k, 0.0), 2) for k in EVAL_PHASES}})
         train_s = statistics.median(e["train_s"] for e in epochs_out)
         val_s = statistics.median(e["val_s"] for e in epochs_out)
         phases = {k: statistics.median(e["val_phases"][k] for e in epochs_out) for k in EVAL_PHASES}
@@ -672,10 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     passes = ns.load_passes or (1 if q else 3)
     g_sizes = ns.grounding_sizes or ([2000] if q else [2000, 20000, 100000])
     cuda = device.type == "cuda"
-    epoch_videos = ns.epoch_videos or (256 if q else 50000 if cuda else 2048)
-    epoch_music = ns.epoch_music or (60 if q else 4000 if cuda else 400)
+    epoch_videos = ns.epoch_videos or (256 if q else 50000 if cuda else 1024)
+    epoch_music = ns.epoch_music or (60 if q else 4000 if cuda else 200)
     epoch_val = ns.epoch_val or (40 if q else 2000 if cuda else 200)
-    epochs_timed = ns.epochs_timed or (1 if q else 2)
+    epochs_timed = ns.epochs_timed or (2 if cuda and not q else 1)
     epoch_batch = ns.epoch_batch or (64 if q else PAPER_BATCH)
     eval_size = ns.eval_size or (200 if q else 2000)
     eval_repeats = ns.eval_repeats or (1 if q else 3)
@@ -709,9 +714,10 @@ def main(argv: list[str] | None = None) -> int:
             epoch_root = make_epoch_data(workdir, epoch_videos, epoch_music, epoch_val)
             step_rows = [r for r in results["sections"].get("train", []) if r["batch"] == epoch_batch]
             if not step_rows:  # the step-only rate at the epoch section's batch, on its own data
-                step_rows = bench_train(epoch_root, device, [epoch_batch], [], steps, ns.amp, print,
-                                        warmup=1 if q else 2)
-            rows = bench_epoch(epoch_root, device, epoch_batch, epochs_timed, feature_devices, ns.amp, print)
+                step_rows = bench_train(epoch_root, device, [epoch_batch], [], ns.steps or (3 if cuda else 2),
+                                        ns.amp, print, warmup=1)
+            rows = bench_epoch(epoch_root, device, epoch_batch, epochs_timed, feature_devices, ns.amp, print,
+                               warmup_steps=1 if q else 2)
             results["sections"]["epoch"] = {"rows": rows, "step": step_rows}
             report += ["", f"### Whole training epochs ({epoch_videos:,} training videos, {epoch_music:,} tracks, "
                        f"{epoch_val:,} validation videos)", "", format_epoch(rows, step_rows)]
