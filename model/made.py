@@ -194,7 +194,8 @@ class MaDe(nn.Module):
     # ------------------------------------------------------------------ detection
     def detect(self, Fv: Tensor, frame_mask: Tensor, Sm: Tensor, music_mask: Tensor, v: Tensor, m: Tensor,
                query_content: Tensor | None = None, v_duration: Tensor | None = None,
-               frame_feats: Tensor | None = None, music_feats: Tensor | None = None) -> dict:
+               frame_feats: Tensor | None = None, music_feats: Tensor | None = None,
+               loss_heads: bool = True) -> dict:
         """Moment detection on (video, its music) pairs.
 
         Returns pred_logits [B, Q, 2], pred_spans [B, Q, 2] (center, width) in (0, 1) of
@@ -203,6 +204,7 @@ class MaDe(nn.Module):
         query_content [B, d] is needed for --moment_query_type xpool; v_duration [B] (seconds)
         for --predict_center 1. The boundary head reads the input features instead of the tokens
         (frame_feats [B, Lv, 512], music_feats [B, Lm, 768]) and needs v_duration.
+        loss_heads=False leaves out the contrastive projections (read by the losses only).
         """
         cfg = self.cfg
         if cfg.moment_head == "boundary":
@@ -234,7 +236,7 @@ class MaDe(nn.Module):
         logits = self.class_embed(hs)
         spans = self._spans(self.span_embed(hs), v_duration)
         per_layer = [{"pred_logits": logits[i], "pred_spans": spans[i]} for i in range(hs.shape[0])]
-        if cfg.contrastive_align:
+        if cfg.contrastive_align and loss_heads:
             proj_queries = F.normalize(self.contrastive_align_projection_query(hs), dim=-1)
             # Over all frame tokens, padding included (as the original; padded rows are 0).
             proj_vid_mem = F.normalize(self.contrastive_align_projection_vid(Fv), dim=-1)
@@ -268,22 +270,29 @@ class MaDe(nn.Module):
         return torch.stack([center, width], dim=-1)
 
     # ------------------------------------------------------------------ full forward
-    def forward(self, batch: dict) -> dict:
-        """batch from utils.dataset.collate_fn -> embeddings, in-batch similarities, detection."""
+    def forward(self, batch: dict, losses: bool = True) -> dict:
+        """batch from utils.dataset.collate_fn -> embeddings, in-batch similarities, detection.
+
+        losses=False (an evaluation without a criterion) skips what only the losses read: the
+        in-batch similarities (X-Pool over all B x B pairs; "similarities" is None) and the
+        contrastive-alignment projections. Everything else is computed exactly as with losses."""
         v, Fv = self.encode_video(batch["frame_feats"], batch["frame_mask"])
         m, Sm = self.encode_music(batch["music_feats"], batch["music_mask"])
         # Training under torchrun: the retrieval loss sees the global batch (see _global_similarities).
         global_batch = self.global_negatives and torch.is_grad_enabled() and is_dist()
         pooled = None
-        if self.xpool is not None and (not global_batch or self.cfg.moment_query_type == "xpool"):
+        if self.xpool is not None and ((losses and not global_batch) or self.cfg.moment_query_type == "xpool"):
             pooled = self.xpool(v, Sm, batch["music_mask"])
         # (--moment_query_type xpool: the mean over the LOCAL batch's videos, also under torchrun.)
         query_content = pooled.mean(dim=1) if self.cfg.moment_query_type == "xpool" else None
         detection = self.detect(Fv, batch["frame_mask"], Sm, batch["music_mask"], v, m,
                                 query_content=query_content, v_duration=batch.get("v_duration"),
-                                frame_feats=batch["frame_feats"], music_feats=batch["music_feats"])
-        sims = (self._global_similarities(v, m, Sm, batch["music_mask"]) if global_batch
-                else self._similarities(v, m, pooled))
+                                frame_feats=batch["frame_feats"], music_feats=batch["music_feats"],
+                                loss_heads=losses)
+        sims = None
+        if losses:
+            sims = (self._global_similarities(v, m, Sm, batch["music_mask"]) if global_batch
+                    else self._similarities(v, m, pooled))
         return {"video_emb": v, "music_emb": m, "frame_tokens": Fv, "snippet_tokens": Sm,
                 "similarities": sims, "detection": detection, "logit_scale": self.logit_scale}
 

@@ -1,7 +1,7 @@
 """Speed and memory benchmark of the training step, data loading, MsG evaluation and grounding.
 
     python scripts/benchmark.py [--device cpu|cuda] [--json OUT] [--quick]
-        [--sections train load msg grounding] [--threads N] [--workdir DIR]
+        [--sections train load msg grounding eval epoch] [--threads N] [--workdir DIR]
 
 Everything runs on synthetic data: a demo dataset in the official layout
 (scripts/make_demo_data.py, then packed with scripts/pack_features.py) for training and
@@ -14,12 +14,29 @@ several runs. Sections:
             (model.fast_ops.reference_paths(), plain Adam) at --reference_batches.
   load      samples/s of one full pass of the training DataLoader (utils/runtime.make_loader:
             same sampler, workers, pinning as train.py) over the per-id .pt files and over the
-            packed store.
+            packed store; and the time to read one per-id file, torch.load vs the reader the
+            per-id store uses (utils/tensorfile.py).
   msg       MsG evaluation (every video against every track, exact): model.index_music +
             model.score_videos at N = 500 ... 4,000 videos x N tracks, wall time and peak memory
             (peak RSS of a fresh subprocess per size on the CPU, max allocated on CUDA); the
             straightforward all-pairs X-Pool call of the original (--naive) where its estimated
             memory fits; and the largest difference between the two at N = 500.
+  eval      test.py end to end (a fresh process, as a user runs it) on a demo split of --eval_size
+            videos and as many tracks read from per-id files (no packed store), with a randomly
+            initialised checkpoint: wall time, peak RSS and test.py's own time breakdown
+            (setup / load / encode / score / metrics), median of --eval_repeats runs.
+  epoch     whole training epochs as train.py runs them: utils/runtime.build_loaders (the training
+            DataLoader or, with --feature_device, resident features) + build_training, then per epoch
+            utils/engine.train_one_epoch and the validation (utils.engine.evaluate), on a packed demo
+            dataset of --epoch_videos training videos, --epoch_music tracks and --epoch_val val videos
+            (one per track; default: the paper's scale on CUDA, 50,000 / 4,000 / 2,000, and a
+            scaled-down 1,024 / 200 / 200 on the CPU, a few minutes). Two untimed warm-up steps,
+            then --epochs_timed epochs (2 on CUDA, 1 on the CPU); checkpoints are not written.
+            Reports samples/s of whole epochs (training rows / (training + validation time))
+            beside the step-only rate of the train section at the same batch (--epoch_batch,
+            512 by default), and projects the paper's 100 epochs at that batch over
+            MGSV-EC's 49,194 training and 2,000 validation videos (validation scaled from the measured
+            one: loading and encoding linearly, scoring and metrics quadratically in the videos).
   grounding the grounding tools (utils/grounding_bench.py) on synthetic 2k/20k/100k libraries:
             index build time/size, single-query latency p50/p95 exhaustive vs two-stage, and how
             often the two-stage top-1/top-10 equals the exhaustive one.
@@ -64,7 +81,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small sizes and few repeats (a smoke run, not numbers to quote)")
     p.add_argument("--sections", nargs="+", default=["train", "load", "msg", "grounding"],
-                   choices=["train", "load", "msg", "grounding"])
+                   choices=["train", "load", "msg", "grounding", "eval", "epoch"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder, removed)")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="training autocast (CUDA)")
@@ -80,6 +97,22 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--load_passes", type=int, default=None, help="DataLoader passes per store (default 3)")
     p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers (default: train.py's default, capped at the CPU count)")
+    # eval
+    p.add_argument("--eval_size", type=int, default=None, help="videos (= tracks) of the eval section's split "
+                                                                "(default 2000; quick: 200)")
+    p.add_argument("--eval_repeats", type=int, default=None, help="test.py runs (default 3; quick: 1)")
+    # epoch
+    p.add_argument("--epoch_videos", type=int, default=None,
+                   help="training videos of the epoch section's data (default: 50000 on CUDA, 1024 on the CPU; "
+                        "quick: 256)")
+    p.add_argument("--epoch_music", type=int, default=None, help="tracks (default 4000 on CUDA, 200 on the CPU)")
+    p.add_argument("--epoch_val", type=int, default=None, help="validation videos (default 2000 on CUDA, 200 on the CPU)")
+    p.add_argument("--epoch_batch", type=int, default=None, help="training batch of the epoch section (default 512; "
+                                                                 "quick: 64)")
+    p.add_argument("--epochs_timed", type=int, default=None,
+                   help="timed epochs after the warm-up (default 2 on CUDA, 1 on the CPU)")
+    p.add_argument("--feature_devices", nargs="+", default=None, choices=["auto", "cpu", "cuda"],
+                   help="--feature_device values timed in the epoch section (default: auto, and cuda on CUDA)")
     # grounding (utils/grounding_bench.py)
     p.add_argument("--grounding_sizes", type=int, nargs="+", default=None, help="default 2000 20000 100000")
     p.add_argument("--shortlist_ks", type=int, nargs="+", default=[100, 1000])
@@ -267,12 +300,40 @@ def bench_load(root: Path, device: torch.device, passes: int, num_workers: int |
     return rows
 
 
+def bench_file_read(root: Path, log: Callable[[str], None], count: int = 500, passes: int = 3) -> dict:
+    """Microseconds per per-id file: torch.load(weights_only=True) vs utils.tensorfile.read_tensor
+    (what the per-id store reads with), over the first `count` video and music feature files."""
+    from utils.features import music_modality, video_modality
+    from utils.io import torch_load_plain
+    from utils.tensorfile import read_tensor
+    features = root / "features/Kuai_feature"
+    files = []
+    for modality in (video_modality(features), music_modality(features)):
+        files += sorted((modality.base / modality.feat_sub).glob("*.pt"))[:count]
+    out = {"files": len(files)}
+    for name, read in (("torch_load_us", torch_load_plain), ("read_tensor_us", read_tensor)):
+        times = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for path in files:
+                read(path)
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) / len(files) * 1e6, 1)
+    log(f"[load] per-file read {out}")
+    return out
+
+
 def format_load(rows: list[dict]) -> str:
-    out = [[r["store"], r["workers"], r["samples_per_pass"], r["samples_per_s"]] for r in rows]
+    out = [[r["store"], r["workers"], r["samples_per_pass"], r["samples_per_s"]] for r in rows if "store" in r]
     text = table(["store", "workers", "samples / pass", "samples / s (median pass)"], out)
-    by = {r["store"]: r["samples_per_s"] for r in rows}
+    by = {r["store"]: r["samples_per_s"] for r in rows if "store" in r}
     if "packed" in by and by.get("per-id"):
         text += f"\n\npacked / per-id: {by['packed'] / by['per-id']:.1f}x"
+    reads = [r for r in rows if "read_tensor_us" in r]
+    if reads:
+        r = reads[0]
+        text += (f"\n\nOne per-id feature file ({r['files']} video and music files, median of 3 passes): "
+                 f"torch.load {r['torch_load_us']} us, utils.tensorfile.read_tensor {r['read_tensor_us']} us.")
     return text
 
 
@@ -411,6 +472,172 @@ def format_msg(res: dict) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------- test.py end to end
+
+# Runs test.py as `python test.py ...` would, and reports the process's peak RSS (VmHWM) from an
+# atexit hook: the parent's getrusage would carry its own (larger) peak into the child's.
+_EVAL_WRAPPER = """
+import atexit, runpy, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        kb = next((int(l.split()[1]) for l in f if l.startswith("VmHWM:")), 0)
+    sys.stderr.write(f"BENCHMARK_PEAK_RSS_KB {kb}\\n")
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, ".")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def make_eval_data(workdir: Path, size: int) -> tuple[Path, Path]:
+    """(demo root, checkpoint): a split of `size` videos, one per track, per-id files only, and a
+    randomly initialised default model saved as train.py saves one."""
+    from model.made import build_model
+    from utils.checkpoint import save_checkpoint
+    root = workdir / f"eval_{size}"
+    if not (root / "demo_data.json").is_file():
+        load_script("make_demo_data").make_demo_data(root, num_music=size, num_videos=100, val_size=size,
+                                                     test_size=size, seed=0, overwrite=True)
+    ckpt = root / "pytorch_model.bin.best_r1"
+    if not ckpt.is_file():
+        args = default_args(["--device", "cpu"])
+        torch.manual_seed(0)
+        save_checkpoint(ckpt, build_model(args), args, epoch=0)
+    return root, ckpt
+
+
+def bench_eval(root: Path, ckpt: Path, device: torch.device, repeats: int, threads: int,
+               log: Callable[[str], None]) -> list[dict]:
+    import re
+    cmd = [sys.executable, "-c", _EVAL_WRAPPER, "test.py", "--load_uni_model_path", str(ckpt),
+           "--test_csv", str(root / "dataset/MGSV-EC/test_data.csv"),
+           "--frozen_feature_path", str(root / "features/Kuai_feature"), "--device", device.type,
+           "--num_workers", "0", "--prior_csv", "none", "--metrics_json", str(root / "metrics.json")]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    rows = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"test.py failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        out = proc.stdout + proc.stderr
+        peak = re.search(r"BENCHMARK_PEAK_RSS_KB (\d+)", out)
+        line = re.search(r"time since the process started: (.*)", out)
+        phases = {k: float(v) for k, v in re.findall(r"(\w+) (-?[\d.]+) s", line.group(1))} if line else {}
+        row = {"wall_s": round(wall, 2), "peak_rss_gb": round(int(peak.group(1)) / 2**20, 2) if peak else None,
+               "phases_s": phases, "load_average": [round(x, 2) for x in os.getloadavg()]}
+        log(f"[eval] {row}")
+        rows.append(row)
+    return rows
+
+
+def format_eval(rows: list[dict], size: int) -> str:
+    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+    names = ["setup", "load", "encode", "score", "metrics", "other", "total"]
+    cells = [f"{med([r['phases_s'].get(n, float('nan')) for r in rows]):.2f}" for n in names]
+    walls = ", ".join(f"{r['wall_s']:.2f}" for r in rows)
+    return table(["videos x tracks", "wall s (median; runs)", "peak RSS GB", *[f"{n} s" for n in names]],
+                 [[f"{size:,} x {size:,}", f"{med([r['wall_s'] for r in rows]):.2f} ({walls})",
+                   f"{max(r['peak_rss_gb'] or 0 for r in rows):.2f}", *cells]]) + (
+        "\n\ntest.py --num_workers 0 --prior_csv none on per-id files; the phases are test.py's own breakdown "
+        "(medians), 'total' its time since the process started, wall the parent's clock around the process.")
+
+
+# ----------------------------------------------------------------------------------- whole epochs
+
+PAPER_TRAIN_ROWS, PAPER_VAL_ROWS, PAPER_EPOCHS, PAPER_BATCH = 49194, 2000, 100, 512
+
+
+def make_epoch_data(workdir: Path, videos: int, music: int, val: int) -> Path:
+    """A packed demo dataset for the epoch section (reused when the same sizes exist in --workdir)."""
+    root = workdir / f"epoch_{videos}_{music}_{val}"
+    if not (root / "demo_data.json").is_file():
+        load_script("make_demo_data").make_demo_data(root, num_music=music, num_videos=videos, val_size=val,
+                                                     test_size=min(val, music), seed=0, overwrite=True)
+        load_script("pack_features").pack(root / "features" / "Kuai_feature", progress=False)
+    return root
+
+
+def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, feature_devices: list[str],
+                amp: str, log: Callable[[str], None], warmup_steps: int = 2) -> list[dict]:
+    """Whole epochs (training + validation) per --feature_device value, as train.py runs them."""
+    from utils.distributed import DistInfo
+    from utils.engine import EVAL_PHASES, evaluate, train_one_epoch
+    from utils.logger import Scalars
+    from utils.runtime import build_loaders, build_training, seed_everything
+    from utils.stopwatch import Stopwatch
+    rows = []
+    for feature_device in feature_devices:
+        args = default_args(["--train_csv", str(root / "dataset/MGSV-EC/train_data.csv"),
+                             "--val_csv", str(root / "dataset/MGSV-EC/val_data.csv"),
+                             "--frozen_feature_path", str(root / "features/Kuai_feature"),
+                             "--batch_size_train", str(batch), "--amp", amp, "--device", device.type,
+                             "--feature_device", feature_device, "--num_display", "1"])
+        seed_everything(args.seed)
+        t0 = time.perf_counter()
+        train_loader, val_loader, sampler = build_loaders(args, DistInfo(), device)
+        setup_s = time.perf_counter() - t0
+        model, criterion, optimizer, scheduler, _ = build_training(args, device, DistInfo(), len(train_loader))
+        train_rows = len(train_loader) * batch
+        epochs_out, step = [], 0
+        # Warm-up (allocator, first calls, the loader's first batches): a few steps of epoch 0, not reported.
+        sampler.set_epoch(0)
+        _, step = train_one_epoch(model, criterion, train_loader, optimizer, scheduler, device, 0, args,
+                                  Scalars(None, enabled=False), step, show_progress=False, max_steps=warmup_steps)
+        for epoch in range(1, epochs + 1):
+            sampler.set_epoch(epoch)
+            sync(device)
+            t0 = time.perf_counter()
+            _, step = train_one_epoch(model, criterion, train_loader, optimizer, scheduler, device, epoch, args,
+                                      Scalars(None, enabled=False), step, show_progress=False)
+            sync(device)
+            train_s = time.perf_counter() - t0
+            watch = Stopwatch(device)
+            t0 = time.perf_counter()
+            evaluate(model, criterion, val_loader, device, args, show_progress=False, watch=watch)
+            val_s = time.perf_counter() - t0
+            epochs_out.append({"train_s": round(train_s, 2), "val_s": round(val_s, 2),
+                               "val_phases": {k: round(watch.seconds.get(k, 0.0), 2) for k in EVAL_PHASES}})
+        train_s = statistics.median(e["train_s"] for e in epochs_out)
+        val_s = statistics.median(e["val_s"] for e in epochs_out)
+        phases = {k: statistics.median(e["val_phases"][k] for e in epochs_out) for k in EVAL_PHASES}
+        n_val = len(val_loader.dataset)
+        val_paper = ((phases["load"] + phases["encode"]) * PAPER_VAL_ROWS / n_val
+                     + (phases["score"] + phases["metrics"]) * (PAPER_VAL_ROWS / n_val) ** 2)
+        train_rate = train_rows / train_s
+        row = {"feature_device": feature_device, "loader": type(train_loader).__name__, "batch": batch,
+               "train_rows": train_rows, "val_rows": n_val, "setup_s": round(setup_s, 2), "epochs": epochs_out,
+               "train_samples_per_s": round(train_rate, 1),
+               "epoch_samples_per_s": round(train_rows / (train_s + val_s), 1),
+               "val_s": round(val_s, 2), "val_paper_s_projected": round(val_paper, 1),
+               "paper_100_epochs_h_projected": round(PAPER_EPOCHS * (PAPER_TRAIN_ROWS / train_rate + val_paper) / 3600,
+                                                     2),
+               "load_average": [round(x, 2) for x in os.getloadavg()]}
+        if device.type == "cuda":
+            row["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(device)
+        log(f"[epoch] {row}")
+        rows.append(row)
+        del model, criterion, optimizer, train_loader, val_loader
+    return rows
+
+
+def format_epoch(rows: list[dict], step_rows: list[dict]) -> str:
+    steps = {r["batch"]: r["samples_per_s"] for r in step_rows if r["path"] == "fast"}
+    out = [[r["feature_device"], r["loader"], r["batch"], f"{r['train_rows']:,} + {r['val_rows']:,}",
+            r["train_samples_per_s"], r["epoch_samples_per_s"], steps.get(r["batch"], "-"),
+            f"{r['val_s']:.1f}", f"{r['paper_100_epochs_h_projected']:.1f}"] for r in rows]
+    return table(["--feature_device", "training batches from", "batch", "train + val rows", "training samples/s",
+                  "whole-epoch samples/s", "step-only samples/s", "validation s",
+                  f"MGSV-EC's {PAPER_EPOCHS} epochs at this batch, h (projected)"], out) + (
+        f"\n\nWhole epoch = training pass + validation (no checkpoint writes); step-only = the train section's "
+        f"forward + update on one batch kept on the device. Projection: {PAPER_EPOCHS} x ({PAPER_TRAIN_ROWS:,} "
+        f"rows / training samples/s + validation of {PAPER_VAL_ROWS:,} videos scaled from the measured one).")
+
+
 # ----------------------------------------------------------------------------------- grounding
 
 def bench_grounding(ns: argparse.Namespace, workdir: Path, sizes: list[int], quick: bool,
@@ -449,6 +676,15 @@ def main(argv: list[str] | None = None) -> int:
     msg_repeats = ns.msg_repeats or (1 if q else 3)
     passes = ns.load_passes or (1 if q else 3)
     g_sizes = ns.grounding_sizes or ([2000] if q else [2000, 20000, 100000])
+    cuda = device.type == "cuda"
+    epoch_videos = ns.epoch_videos or (256 if q else 50000 if cuda else 1024)
+    epoch_music = ns.epoch_music or (60 if q else 4000 if cuda else 200)
+    epoch_val = ns.epoch_val or (40 if q else 2000 if cuda else 200)
+    epochs_timed = ns.epochs_timed or (2 if cuda and not q else 1)
+    epoch_batch = ns.epoch_batch or (64 if q else PAPER_BATCH)
+    eval_size = ns.eval_size or (200 if q else 2000)
+    eval_repeats = ns.eval_repeats or (1 if q else 3)
+    feature_devices = ns.feature_devices or (["auto", "cuda"] if cuda else ["auto"])
 
     from utils.grounding_bench import format_benchmark
     from utils.io import atomic_write_json
@@ -469,8 +705,24 @@ def main(argv: list[str] | None = None) -> int:
             rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print, warmup=1 if q else 2)
             results["sections"]["train"] = rows
             report += ["", "### Training step", "", format_train(rows)]
+        if "eval" in ns.sections:
+            eval_root, ckpt = make_eval_data(workdir, eval_size)
+            rows = bench_eval(eval_root, ckpt, device, eval_repeats, ns.threads, print)
+            results["sections"]["eval"] = {"size": eval_size, "runs": rows}
+            report += ["", "### test.py end to end (per-id files)", "", format_eval(rows, eval_size)]
+        if "epoch" in ns.sections:
+            epoch_root = make_epoch_data(workdir, epoch_videos, epoch_music, epoch_val)
+            step_rows = [r for r in results["sections"].get("train", []) if r["batch"] == epoch_batch]
+            if not step_rows:  # the step-only rate at the epoch section's batch, on its own data
+                step_rows = bench_train(epoch_root, device, [epoch_batch], [], ns.steps or (3 if cuda else 2),
+                                        ns.amp, print, warmup=1)
+            rows = bench_epoch(epoch_root, device, epoch_batch, epochs_timed, feature_devices, ns.amp, print,
+                               warmup_steps=1 if q else 2)
+            results["sections"]["epoch"] = {"rows": rows, "step": step_rows}
+            report += ["", f"### Whole training epochs ({epoch_videos:,} training videos, {epoch_music:,} tracks, "
+                       f"{epoch_val:,} validation videos)", "", format_epoch(rows, step_rows)]
         if "load" in ns.sections:
-            rows = bench_load(root, device, passes, ns.num_workers, print)
+            rows = bench_load(root, device, passes, ns.num_workers, print) + [bench_file_read(root, print)]
             results["sections"]["load"] = rows
             report += ["", "### Data loading (one pass of the training DataLoader, batch 64)", "", format_load(rows)]
         if "msg" in ns.sections:

@@ -17,7 +17,9 @@ def test_benchmark_smoke(tmp_path):
     assert env["cpu"] and env["torch"] and env["torch_threads"] == 1
     train = res["sections"]["train"]
     assert {r["path"] for r in train} == {"fast", "reference"} and all(r["samples_per_s"] > 0 for r in train)
-    load = {r["store"]: r for r in res["sections"]["load"]}
+    load = {r["store"]: r for r in res["sections"]["load"] if "store" in r}
+    read = [r for r in res["sections"]["load"] if "read_tensor_us" in r][0]
+    assert read["files"] > 0 and read["torch_load_us"] > 0 and read["read_tensor_us"] > 0
     assert set(load) == {"per-id", "packed"} and load["packed"]["workers"] == 0
     assert load["packed"]["samples_per_pass"] == load["per-id"]["samples_per_pass"] > 0
     msg = res["sections"]["msg"]
@@ -32,3 +34,32 @@ def test_bench_grounding_maps_onto_benchmark_flags():
     ns = load_script("benchmark").get_parser().parse_args(argv)
     assert ns.sections == ["grounding"] and ns.grounding_sizes == [100] and ns.grounding_dtype == "float32"
     assert ns.keep_indexes and not ns.reuse_indexes
+
+
+def test_benchmark_epoch_section(tmp_path):
+    """Whole epochs on both training-batch paths, with the step-only rate and the projection beside them."""
+    bench = load_script("benchmark")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--sections", "epoch", "--epoch_videos", "48", "--epoch_music", "12", "--epoch_val", "8",
+                       "--epoch_batch", "16", "--epochs_timed", "1", "--steps", "1", "--feature_devices", "auto",
+                       "cpu", "--workdir", str(tmp_path / "work"), "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["sections"]["epoch"]
+    rows = {r["feature_device"]: r for r in res["rows"]}
+    assert rows["auto"]["loader"] == "DataLoader" and rows["cpu"]["loader"] == "ResidentLoader"
+    for r in rows.values():
+        assert r["train_rows"] == 48 and r["val_rows"] == 8 and len(r["epochs"]) == 1
+        assert 0 < r["epoch_samples_per_s"] <= r["train_samples_per_s"] and r["paper_100_epochs_h_projected"] > 0
+    assert res["step"][0]["batch"] == 16 and res["step"][0]["samples_per_s"] > 0
+
+
+def test_benchmark_eval_section(tmp_path):
+    """test.py end to end in a fresh process: its time breakdown and peak RSS are read back."""
+    bench = load_script("benchmark")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--sections", "eval", "--eval_size", "24", "--eval_repeats", "1", "--workdir",
+                       str(tmp_path / "work"), "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["sections"]["eval"]
+    run = res["runs"][0]
+    assert res["size"] == 24 and run["wall_s"] > 0 and run["peak_rss_gb"] > 0
+    assert set(run["phases_s"]) == {"setup", "load", "encode", "score", "metrics", "other", "total"}
+    assert run["phases_s"]["total"] <= run["wall_s"]

@@ -271,3 +271,17 @@ def test_bf16_autocast_forward_and_exact_scoring():
     exact = model.retrieval_score(model.retrieval_similarities(reference["video_emb"], reference["music_emb"],
                                                                reference["snippet_tokens"], batch["music_mask"]))
     assert (scores - exact).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("query", ["video", "xpool"])
+def test_forward_without_losses_gives_the_same_outputs(query):
+    """losses=False (evaluation without a criterion) skips the loss-only parts and changes nothing else."""
+    model = small_model("--moment_query_type", query).eval()
+    perturb(model.xpool)
+    batch = make_batch(6, 12, 20)
+    with torch.no_grad():
+        full, lean = model(batch), model(batch, losses=False)
+    assert lean["similarities"] is None and "proj_queries" not in lean["detection"]
+    want = {k: v for k, v in flat_outputs(full).items() if not k.startswith("sim_") and "proj_" not in k}
+    got = {k: v for k, v in flat_outputs({**lean, "similarities": {}}).items()}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

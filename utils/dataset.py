@@ -129,15 +129,17 @@ def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def build_dataset(csv_path: str | os.PathLike, frozen_feature_path: str | os.PathLike,
                   stride: float = 2.5, max_m_duration: float = 240.0, skip_bad_rows: bool = False,
                   use_packed: bool = True, store: FeatureStore | None = None,
-                  num_frames: int = 50) -> MGSVDataset:
+                  num_frames: int = 50, music_cache_size: int | None = None) -> MGSVDataset:
     """Load + validate a split's CSV, open (or reuse) the feature store and check every id.
 
     Pass the same `store` for several splits to share its music cache and packed arrays.
+    music_cache_size: tracks read from per-id files kept in memory (None: all, for training,
+    which reads every track again each epoch; a single pass wants a small number).
     Raises AnnotationError / FeatureError (both ValueError) with actionable messages.
     """
     df = load_annotations(csv_path, max_m_duration=max_m_duration, skip_bad_rows=skip_bad_rows)
     if store is None:
         store = FeatureStore(frozen_feature_path, stride=stride, max_m_duration=max_m_duration,
-                             num_frames=num_frames, use_packed=use_packed)
+                             num_frames=num_frames, use_packed=use_packed, music_cache_size=music_cache_size)
     store.check(df["video_id"], df["music_id"])
     return MGSVDataset(df, store, max_m_duration=max_m_duration)

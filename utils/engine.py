@@ -25,6 +25,7 @@ from tqdm import tqdm
 from utils import distributed as D
 from utils import metrics as M
 from utils.logger import Scalars, get_logger
+from utils.stopwatch import Stopwatch, timed_iter
 
 TENSOR_KEYS = ("frame_feats", "frame_mask", "music_feats", "music_mask", "spans_target", "gt_moment")
 
@@ -208,8 +209,11 @@ class Collected:
 
 @torch.no_grad()
 def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: Iterable,
-            device: torch.device, args: Any, show_progress: bool = True) -> Collected:
-    """Forward every (video, GT track) pair once: embeddings, SmG predictions and eval losses."""
+            device: torch.device, args: Any, show_progress: bool = True,
+            watch: Stopwatch | None = None) -> Collected:
+    """Forward every (video, GT track) pair once: embeddings, SmG predictions and eval losses
+    (none without a criterion). `watch` gets the time spent waiting for batches ("load") and
+    the rest ("encode")."""
     model.eval()
     if criterion is not None:
         criterion.eval()
@@ -218,52 +222,58 @@ def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: I
     video_ids, music_ids, v_list, pred, score, gt, dur = [], [], [], [], [], [], []
     seen: dict[str, int] = {}
     m_list, s_list, mask_list, start_list = [], [], [], []
-    for batch in tqdm(loader, desc="eval", disable=not show_progress, leave=False, dynamic_ncols=True):
-        batch = to_device(batch, device)
-        with autocast_context(device, args.amp):
-            outputs = model(batch)
-            if criterion is not None:
-                loss, parts = criterion(outputs, batch)
-                means.update({"loss": loss, **parts})
-        span, prob = top_moment(outputs["detection"], fg)
-        video_ids.extend(batch["video_id"])
-        music_ids.extend(batch["music_id"])
-        v_list.append(outputs["video_emb"].float())
-        pred.append(spans_to_seconds(span, args.max_m_duration))
-        score.append(prob)
-        if "start_logits" in outputs["detection"]:
-            start_list.append(outputs["detection"]["start_logits"].float())
-        gt.append(batch["gt_moment"][:, 0].float())
-        d = batch["m_duration"]
-        dur.append(d.float() if torch.is_tensor(d) else torch.as_tensor(d, dtype=torch.float32))
-        # Each distinct track is kept once: it is one column of the MsG score matrix.
-        keep = []
-        for i, mid in enumerate(batch["music_id"]):
-            if mid not in seen:
-                seen[mid] = len(seen)
-                keep.append(i)
-        if keep:
-            idx = torch.as_tensor(keep, device=device)
-            m_list.append(outputs["music_emb"].float()[idx])
-            s_list.append(outputs["snippet_tokens"].float()[idx])
-            mask_list.append(batch["music_mask"][idx])
-    per_video = [torch.cat(xs) for xs in (v_list, pred, score, gt, dur)] + ([torch.cat(start_list)] if start_list else [])
-    unique_ids = list(seen)
-    music = [torch.cat(xs) for xs in (m_list, s_list, mask_list)]
-    if D.is_dist():
-        video_ids, music_ids, per_video, unique_ids, music = _gather_collected(
-            loader, video_ids, music_ids, per_video, unique_ids, music)
-    video_emb, pred_t, score_t, gt_t, dur_t, *starts = per_video
-    cpu = lambda x: x.cpu().double().numpy()
-    return Collected(
-        video_ids=video_ids, music_ids=music_ids,
-        video_emb=video_emb,
-        pred_se=cpu(pred_t), pred_score=cpu(score_t), gt_se=cpu(gt_t), m_duration=cpu(dur_t),
-        unique_music_ids=unique_ids,
-        music_emb=music[0], snippet_tokens=music[1], music_mask=music[2],
-        losses=means.means(),
-        start_logits=starts[0].cpu().numpy() if starts else None,
-    )
+    watch = watch if watch is not None else Stopwatch()
+    batches = timed_iter(loader, watch, "load")
+    for batch in tqdm(batches, total=len(loader) if hasattr(loader, "__len__") else None, desc="eval", disable=not show_progress, leave=False,
+                      dynamic_ncols=True):
+        with watch.phase("encode"):
+            batch = to_device(batch, device)
+            with autocast_context(device, args.amp):
+                outputs = model(batch, losses=criterion is not None)
+                if criterion is not None:
+                    loss, parts = criterion(outputs, batch)
+                    means.update({"loss": loss, **parts})
+            span, prob = top_moment(outputs["detection"], fg)
+            video_ids.extend(batch["video_id"])
+            music_ids.extend(batch["music_id"])
+            v_list.append(outputs["video_emb"].float())
+            pred.append(spans_to_seconds(span, args.max_m_duration))
+            score.append(prob)
+            if "start_logits" in outputs["detection"]:
+                start_list.append(outputs["detection"]["start_logits"].float())
+            gt.append(batch["gt_moment"][:, 0].float())
+            d = batch["m_duration"]
+            dur.append(d.float() if torch.is_tensor(d) else torch.as_tensor(d, dtype=torch.float32))
+            # Each distinct track is kept once: it is one column of the MsG score matrix.
+            keep = []
+            for i, mid in enumerate(batch["music_id"]):
+                if mid not in seen:
+                    seen[mid] = len(seen)
+                    keep.append(i)
+            if keep:
+                idx = torch.as_tensor(keep, device=device)
+                m_list.append(outputs["music_emb"].float()[idx])
+                s_list.append(outputs["snippet_tokens"].float()[idx])
+                mask_list.append(batch["music_mask"][idx])
+    with watch.phase("encode"):  # concatenation, gathering under torchrun, copies to the host
+        per_video = ([torch.cat(xs) for xs in (v_list, pred, score, gt, dur)]
+                     + ([torch.cat(start_list)] if start_list else []))
+        unique_ids = list(seen)
+        music = [torch.cat(xs) for xs in (m_list, s_list, mask_list)]
+        if D.is_dist():
+            video_ids, music_ids, per_video, unique_ids, music = _gather_collected(
+                loader, video_ids, music_ids, per_video, unique_ids, music)
+        video_emb, pred_t, score_t, gt_t, dur_t, *starts = per_video
+        cpu = lambda x: x.cpu().double().numpy()
+        return Collected(
+            video_ids=video_ids, music_ids=music_ids,
+            video_emb=video_emb,
+            pred_se=cpu(pred_t), pred_score=cpu(score_t), gt_se=cpu(gt_t), m_duration=cpu(dur_t),
+            unique_music_ids=unique_ids,
+            music_emb=music[0], snippet_tokens=music[1], music_mask=music[2],
+            losses=means.means(),
+            start_logits=starts[0].cpu().numpy() if starts else None,
+        )
 
 
 def _gather_collected(loader, video_ids: list[str], music_ids: list[str], per_video: list[torch.Tensor],
@@ -304,14 +314,19 @@ def msg_scores(model: torch.nn.Module, c: Collected, chunk_size: int = 0) -> tor
     return D.all_gather_varlen(model.score_videos(c.video_emb[start:stop], index, chunk_size))
 
 
-def evaluate_collected(model: torch.nn.Module, c: Collected, args: Any) -> tuple[dict, dict]:
-    """All metrics of the paper from one collection pass. Returns (metrics, per-video details)."""
-    scores = msg_scores(model, c, getattr(args, "eval_chunk", 0))
-    scores_np = scores.double().cpu().numpy()
-    rank0 = M.gt_ranks(scores_np, c.unique_music_ids, c.music_ids)
-    clipped = M.clip_moments(c.pred_se, c.m_duration, args.max_m_duration)
-    ious = M.moment_iou(clipped, c.gt_se)
-    metrics = M.metrics_from_ranks(rank0, ious)
+def evaluate_collected(model: torch.nn.Module, c: Collected, args: Any,
+                       watch: Stopwatch | None = None) -> tuple[dict, dict]:
+    """All metrics of the paper from one collection pass. Returns (metrics, per-video details).
+    `watch` gets the MsG scoring ("score") and the ranking and IoUs ("metrics")."""
+    watch = watch if watch is not None else Stopwatch()
+    with watch.phase("score"):
+        scores = msg_scores(model, c, getattr(args, "eval_chunk", 0))
+        scores_np = scores.double().cpu().numpy()
+    with watch.phase("metrics"):
+        rank0 = M.gt_ranks(scores_np, c.unique_music_ids, c.music_ids)
+        clipped = M.clip_moments(c.pred_se, c.m_duration, args.max_m_duration)
+        ious = M.moment_iou(clipped, c.gt_se)
+        metrics = M.metrics_from_ranks(rank0, ious)
     details = {"scores": scores_np, "rank0": rank0, "ious": ious, "pred_se_clipped": clipped}
     return metrics, details
 
@@ -358,8 +373,20 @@ def per_video_predictions(c: Collected, details: dict, topk: int = 10) -> list[d
     return rows
 
 
+EVAL_PHASES = ("load", "encode", "score", "metrics")
+
+
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: Iterable,
-             device: torch.device, args: Any, show_progress: bool = True) -> tuple[dict, Collected, dict]:
-    c = collect(model, criterion, loader, device, args, show_progress)
-    metrics, details = evaluate_collected(model, c, args)
+             device: torch.device, args: Any, show_progress: bool = True,
+             watch: Stopwatch | None = None) -> tuple[dict, Collected, dict]:
+    """collect + evaluate_collected; logs where the time went (EVAL_PHASES, seconds), and adds
+    it to `watch` when given."""
+    own = Stopwatch(device)
+    t0 = time.perf_counter()
+    c = collect(model, criterion, loader, device, args, show_progress, watch=own)
+    metrics, details = evaluate_collected(model, c, args, watch=own)
+    get_logger().info(f"evaluation of {len(c.video_ids)} videos x {len(c.unique_music_ids)} tracks: "
+                      + own.line(EVAL_PHASES, total=time.perf_counter() - t0))
+    if watch is not None:
+        watch.add(own)
     return metrics, c, details

@@ -269,6 +269,12 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
                        help="steps per update (forced to 1 unless exponential, as in the original)")
         g.add_argument("--warmup_rate", type=unit_interval, default=0.02)
         g.add_argument("--resume", default=None, help="continue a run from its pytorch_model.bin.last (or run folder)")
+        g.add_argument("--feature_device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="where the training split's features are held: 'cuda' copies them once to the "
+                            "training GPU and gathers each batch there (no host loading per step); 'cpu' holds "
+                            "them as tensors in host memory; 'auto' = cuda when training on CUDA from the packed "
+                            "store and they fit in half the free GPU memory, else the DataLoader. Same batches "
+                            "(ids, order, values) on every path (utils/resident.py)")
         g.add_argument("--local_negatives", type=flag01, default=0,
                        help="under torchrun: 1 = retrieval-loss negatives from each process's own "
                             "batch_size_train/N rows only (less memory); 0 = the global batch, as on one GPU")

@@ -29,7 +29,7 @@ RUN_MARKERS = ("pytorch_model.bin*", "train_state.json")
 INVOCATION_KEYS = frozenset({
     "device", "amp", "compile", "num_workers", "eval_chunk", "local_rank", "rank", "world_size",
     "resume", "resume_path", "overwrite", "start_epoch", "mode", "load_uni_model_path", "save_json",
-    "tb_writer", "num_display", "metrics_json",
+    "tb_writer", "num_display", "metrics_json", "feature_device",
 })
 RELOCATABLE_KEYS = frozenset({
     "train_csv", "val_csv", "test_csv", "frozen_feature_path", "music_frozen_feature_path",

@@ -91,6 +91,13 @@ def _loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def make_sampler(dataset, shuffle: bool, seed: int, dist_info: DistInfo) -> DistributedSampler:
+    """The training order: DistributedSampler with num_replicas=1 is a seeded, epoch-dependent
+    shuffle; under torchrun each rank takes every world_size-th index of the same permutation."""
+    return DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                              shuffle=shuffle, seed=seed, drop_last=False)
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int, dist_info: DistInfo,
                 device: torch.device, args: Any):
     """A DataLoader over index batches; one code path for one process and for DDP.
@@ -99,13 +106,26 @@ def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: 
     order is a function of (seed, epoch) alone: that is what makes resumed runs identical.
     """
     from utils.dataset import collate_fn
-    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                 shuffle=shuffle, seed=seed, drop_last=False)
+    sampler = make_sampler(dataset, shuffle, seed, dist_info)
     workers = loader_workers(args, dataset, device)
     loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
                         collate_fn=collate_fn, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0, generator=_loader_generator(seed))
     return loader, sampler
+
+
+def make_train_loader(dataset, batch_size: int, dist_info: DistInfo, device: torch.device, args: Any):
+    """(loader, sampler) of the training split: make_loader's DataLoader, or with --feature_device
+    the same batches gathered from features held on a device (utils/resident.py)."""
+    from utils.resident import ResidentFeatures, ResidentLoader, choose_feature_device
+    feature_device = choose_feature_device(getattr(args, "feature_device", "auto"), dataset, device)
+    if feature_device is None:
+        return make_loader(dataset, batch_size, True, True, args.seed, dist_info, device, args)
+    sampler = make_sampler(dataset, True, args.seed, dist_info)
+    features = ResidentFeatures(dataset, feature_device)
+    get_logger().info(f"training features resident on {feature_device}: {features.nbytes / 2**30:.2f} GiB "
+                      f"(--feature_device {getattr(args, 'feature_device', 'auto')})")
+    return ResidentLoader(features, sampler, batch_size, drop_last=True), sampler
 
 
 def make_eval_loader(dataset, batch_size: int, dist_info: DistInfo, device: torch.device, args: Any):
@@ -150,8 +170,7 @@ def build_loaders(args: Any, dist_info: DistInfo, device: torch.device, need_tra
     datasets = build_datasets(args, [train_df] + ([val_df] if val_df is not None else []))
     train_ds = datasets[0]
     per_rank_batch = check_batch_size(len(train_ds), args.batch_size_train, dist_info.world_size, args.train_csv)
-    train_loader, train_sampler = make_loader(train_ds, per_rank_batch, True, True, args.seed, dist_info,
-                                              device, args)
+    train_loader, train_sampler = make_train_loader(train_ds, per_rank_batch, dist_info, device, args)
     val_loader = None
     if val_df is not None:
         val_ds = datasets[1]
