@@ -47,7 +47,7 @@ class HungarianMatcher(nn.Module):
         if num_queries == 1 and all(t.shape[0] == 1 for t in targets):
             zero = torch.zeros(1, dtype=torch.int64)
             return [(zero, zero) for _ in targets]
-        # Imported here: scipy.optimize costs ~0.3 s to import, and the paper's single query never needs it.
+        # Imported here: scipy.optimize takes ~0.4 s to import, and the paper's single query never needs it.
         from scipy.optimize import linear_sum_assignment
         costs = self.cost_matrices(outputs["pred_logits"].float(), outputs["pred_spans"].float(),
                                    [t.float() for t in targets])

@@ -106,7 +106,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="training videos of the epoch section's data (default: 50000 on CUDA, 1024 on the CPU; "
                         "quick: 256)")
     p.add_argument("--epoch_music", type=int, default=None, help="tracks (default 4000 on CUDA, 200 on the CPU)")
-    p.add_argument("--epoch_val", type=int, default=None, help="validation videos (default 2000 on CUDA, 200 on the CPU)")
+    p.add_argument("--epoch_val", type=int, default=None,
+                   help="validation videos (default 2000 on CUDA, 200 on the CPU)")
     p.add_argument("--epoch_batch", type=int, default=None, help="training batch of the epoch section (default 512; "
                                                                  "quick: 64)")
     p.add_argument("--epochs_timed", type=int, default=None,

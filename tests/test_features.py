@@ -79,6 +79,26 @@ def test_music_is_read_once_per_track(tmp_path: Path) -> None:
     assert store.music(MID)[0] is store.music(MID)[0]  # cached per id, not re-read per row
 
 
+def test_batched_per_id_reads_equal_one_by_one_and_fail_in_order(tmp_path: Path) -> None:
+    """get_many gives the same tensors as one get() per id, repeated ids included, and with two bad
+    files the error names the first one in the batch's order."""
+    root = make_root(tmp_path)
+    base = root / "vit_feature1"
+    ids = [str(100000000000 + i) for i in range(9)]
+    for n, item_id in enumerate(ids):
+        feat, mask = good_video(valid=5 + n)
+        torch.save(feat, base / "vit_feature" / f"{item_id}.pt")
+        torch.save(mask, base / "vit_mask" / f"{item_id}.pt")
+    batch = ids + ids[:2]
+    f, m = FeatureStore(root, use_packed=False).videos(batch)
+    one = FeatureStore(root, use_packed=False)
+    for row, item_id in enumerate(batch):
+        assert torch.equal(f[row], one.video(item_id)[0]) and torch.equal(m[row], one.video(item_id)[1])
+    for item_id in (ids[6], ids[3]):
+        (base / "vit_mask" / f"{item_id}.pt").write_bytes(b"not a torch file")
+    expect_feature_error(lambda: FeatureStore(root, use_packed=False).videos(ids), f"vit_mask/{ids[3]}.pt")
+
+
 def test_bool_mask_accepted(tmp_path: Path) -> None:
     feat, mask = good_video()
     store = FeatureStore(make_root(tmp_path, video=(feat, mask.bool())))

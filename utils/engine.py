@@ -224,8 +224,8 @@ def collect(model: torch.nn.Module, criterion: torch.nn.Module | None, loader: I
     m_list, s_list, mask_list, start_list = [], [], [], []
     watch = watch if watch is not None else Stopwatch()
     batches = timed_iter(loader, watch, "load")
-    for batch in tqdm(batches, total=len(loader) if hasattr(loader, "__len__") else None, desc="eval", disable=not show_progress, leave=False,
-                      dynamic_ncols=True):
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in tqdm(batches, total=total, desc="eval", disable=not show_progress, leave=False, dynamic_ncols=True):
         with watch.phase("encode"):
             batch = to_device(batch, device)
             with autocast_context(device, args.amp):

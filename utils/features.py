@@ -127,7 +127,7 @@ def music_modality(root: str | os.PathLike, stride: float = 2.5,
 
 def _torch_load(path: Path) -> Any:
     try:
-        # The plain torch.save layout is read as data (utils/tensorfile.py, ~10x faster than
+        # The plain torch.save layout is read as data (utils/tensorfile.py, ~6x faster than
         # torch.load); any other file goes through torch.load(weights_only=True) as before.
         tensor = read_tensor(path)
         return tensor if tensor is not None else torch_load_plain(path)
@@ -189,7 +189,7 @@ def validate_pair(feat: Any, mask: Any, modality: Modality, feat_path: Path,
     # Padded rows are zeroed first, so the checks run on the output in two reductions (this is
     # the per-file cost of the per-id path): max/min propagate NaN, and the largest magnitude
     # of the valid rows is max(hi, -lo) since the zeros cannot exceed it.
-    out = f.copy()                  # (5x faster than np.where with a broadcast row mask)
+    out = f.copy()                  # (np.where with a broadcast row mask was the slowest step)
     out[~valid] = 0.0
     hi, lo = float(out.max()), float(out.min())
     if not (np.isfinite(hi) and np.isfinite(lo)):

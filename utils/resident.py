@@ -2,9 +2,9 @@
 
 The DataLoader path (utils/runtime.make_loader) gathers every batch from the feature store
 on the host (a memory-mapped fancy-index for the packed store), pins it and copies it to
-the GPU: per batch of 512 that is ~80 MB through the host, every step. When the split's
-features fit on the GPU, they can be copied there once instead; a batch is then one
-`index_select` per tensor on the device.
+the GPU: per batch of 512 that is ~200 MB (float32 features and masks) through the host,
+every step. When the split's features fit on the GPU, they can be copied there once
+instead; a batch is then one `index_select` per tensor on the device.
 
 Same batches, by construction: the row order comes from the very DistributedSampler that
 make_loader builds (seeded by --seed and the epoch; under torchrun each rank takes every
