@@ -19,17 +19,23 @@ from pathlib import Path
 
 import torch
 
-from utils import distributed as D
-from utils.checkpoint import (LAST_NAME, TEST_BEST_ORDER, CheckpointError, adopt_checkpoint_config,
-                              load_checkpoint, load_model_weights)
-from utils.engine import evaluate, per_video_predictions
+from utils.evaluate.engine import evaluate, per_video_predictions
+from utils.evaluate.metrics import METRIC_KEYS, format_table
 from utils.io import atomic_write_json, check_writable_file
 from utils.logger import setup_logger
-from utils.metrics import METRIC_KEYS, format_table
-from utils.options import MODEL_KEYS, parse_args
-from utils.preflight import evaluation_dir, prediction_identity, run_cli
-from utils.runtime import make_eval_loader, resolve_device, seed_everything
 from utils.stopwatch import Stopwatch, process_seconds
+from utils.train import distributed as D
+from utils.train.checkpoint import (
+    LAST_NAME,
+    TEST_BEST_ORDER,
+    CheckpointError,
+    adopt_checkpoint_config,
+    load_checkpoint,
+    load_model_weights,
+)
+from utils.train.options import MODEL_KEYS, parse_args
+from utils.train.preflight import evaluation_dir, prediction_identity, run_cli
+from utils.train.setup import make_eval_loader, resolve_device, seed_everything
 
 
 def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
@@ -45,14 +51,14 @@ def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
 
 
 def prediction_rows(collected, details: dict, ranking: int) -> list[dict]:
-    """The --save_json rows: utils.engine.per_video_predictions plus, per video,
+    """The --save_json rows: utils.evaluate.engine.per_video_predictions plus, per video,
       ranked_music_ids  the best `ranking` tracks (0 = all), the ground truth placed after any
                         track with the same score, as the metrics rank it;
       pred_raw          [start, end] of the detector in seconds, before clipping, full precision.
     {video_id, ranked_music_ids, pred_st: pred_raw[0], pred_ed: pred_raw[1]} is the input of
     `python -m utils.evaluate`, which then gives this script's metrics (all of them with the
     full ranking; R@k, MoR@k for k <= ranking and SmG otherwise)."""
-    from utils.evaluate import predictions_from_scores
+    from utils.evaluate.offline import predictions_from_scores
     records = predictions_from_scores(collected.video_ids, details["scores"], collected.unique_music_ids,
                                       collected.music_ids, collected.pred_se, top_k=ranking or None)
     rows = per_video_predictions(collected, details)
@@ -66,7 +72,7 @@ def usage_prior(args, state: dict, log, loaded: dict):
     """(prior CSV, its annotations) for the breakdown: --prior_csv, else the checkpoint's --train_csv
     when that file exists here; (None, None) when there is none or --prior_csv none. `loaded`
     caches the CSVs read (the checkpoints of one run share theirs)."""
-    from utils.annotations import load_annotations
+    from utils.data.annotations import load_annotations
     if args.prior_csv.lower() == "none":
         return None, None
     path = args.prior_csv or (state.get("config") or {}).get("train_csv") or ""
@@ -107,15 +113,15 @@ TIME_PHASES = ("setup", "load", "encode", "score", "metrics")
 
 def main(argv: list[str] | None = None) -> int:
     # Where the wall time goes, logged last: "setup" is the interpreter's start, the imports, the flags, the
-    # checkpoints and the models; "load" / "encode" / "score" / "metrics" as in utils.engine.evaluate
+    # checkpoints and the models; "load" / "encode" / "score" / "metrics" as in utils.evaluate.engine.evaluate
     # (load includes reading the CSV and listing the feature folders); "other" the rest.
     watch = Stopwatch()
     from model.made import build_model
-    from utils.annotations import load_annotations
-    from utils.dataset import build_dataset
-    from utils.engine import ious_with_usage_prior
-    from utils.metrics import metrics_from_ranks
-    from utils.track_prior import canonical_clips, subset_masks, subset_metrics, subset_table, track_starts
+    from utils.data.annotations import load_annotations
+    from utils.data.dataset import build_dataset
+    from utils.evaluate.engine import ious_with_usage_prior
+    from utils.evaluate.metrics import metrics_from_ranks
+    from utils.evaluate.track_prior import canonical_clips, subset_masks, subset_metrics, subset_table, track_starts
 
     args = parse_args(argv, mode="test")
     device = resolve_device(args.device)

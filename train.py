@@ -16,7 +16,7 @@ Reliability:
   * A folder that holds a run is never trained into again without --overwrite, which moves
     the old run's files into a `replaced-<time>` subfolder (nothing is ever deleted).
   * One process writes a run folder at a time: it holds an exclusive lock on <run>/.run.lock
-    (utils/runlock.py) for the whole run; a second train.py on that folder (fresh, --resume or
+    (utils/train/runlock.py) for the whole run; a second train.py on that folder (fresh, --resume or
     --overwrite) exits with status 2 naming the holder. The kernel drops the lock when the
     holder dies, so a killed run never blocks the next one.
   * pytorch_model.bin.last is written (atomically) at the end of every epoch with everything
@@ -38,12 +38,21 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from utils import runlock
 from utils.io import check_writable_dir
 from utils.logger import get_logger, setup_logger
-from utils.options import parse_args
-from utils.preflight import (RunDirError, check_batch_size, check_new_run_dir, given_flags, load_split,
-                             new_run_dir, resume_settings, run_cli, set_aside_previous_run)
+from utils.train import runlock
+from utils.train.options import parse_args
+from utils.train.preflight import (
+    RunDirError,
+    check_batch_size,
+    check_new_run_dir,
+    given_flags,
+    load_split,
+    new_run_dir,
+    resume_settings,
+    run_cli,
+    set_aside_previous_run,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -96,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_resume(args: Any, argv: list[str]) -> dict:
-    """Read --resume's checkpoint and adopt the run's settings into `args` (see utils.preflight)."""
-    from utils.checkpoint import load_resume_checkpoint, resume_checkpoint_path
+    """Read --resume's checkpoint and adopt the run's settings into `args` (see utils.train.preflight)."""
+    from utils.train.checkpoint import load_resume_checkpoint, resume_checkpoint_path
     path = resume_checkpoint_path(args.resume)
     state = load_resume_checkpoint(path)
     notes = resume_settings(args, state["config"], given_flags(argv, "train"), str(args.resume))
@@ -115,6 +124,7 @@ def finished(resume: dict, args: Any) -> bool:
 def mark_finished(run_dir: Path, resume: dict) -> None:
     """A run killed between saving its last epoch and marking itself finished is finished now."""
     import json
+
     from utils.io import atomic_write_json
     path = run_dir / STATE_FILE
     try:
@@ -133,14 +143,22 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
     # Imported here, after main's cheap checks: torch alone takes seconds to import.
     import torch
 
-    from utils import distributed as D
-    from utils.checkpoint import BEST_NAMES, LAST_NAME, load_model_weights, save_checkpoint, unwrap
-    from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
+    from utils.evaluate.engine import evaluate
+    from utils.evaluate.metrics import format_table
     from utils.io import WriteError, atomic_write_json
     from utils.logger import Scalars
-    from utils.metrics import format_table
-    from utils.runtime import (build_loaders, build_training, capture_rng, describe_run, resolve_device,
-                               restore_rng, seed_everything)
+    from utils.train import distributed as D
+    from utils.train.checkpoint import BEST_NAMES, LAST_NAME, load_model_weights, save_checkpoint, unwrap
+    from utils.train.loop import NonFiniteLossError, train_one_epoch
+    from utils.train.setup import (
+        build_loaders,
+        build_training,
+        capture_rng,
+        describe_run,
+        resolve_device,
+        restore_rng,
+        seed_everything,
+    )
 
     device = resolve_device(args.device)
     dist_info = D.init_distributed(device.type)

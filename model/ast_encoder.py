@@ -25,7 +25,6 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from model.pretrained import PRETRAINED_DIR, read_state_dict, require_weights
-from utils.fbank import AST_TARGET_LENGTH, NUM_MEL_BINS
 
 AST_FILE_NAME = "audioset_0.4593.pth"
 DEFAULT_AST_WEIGHTS = PRETRAINED_DIR / AST_FILE_NAME
@@ -33,6 +32,9 @@ AST_SOURCE = ("YuanGongND/ast repository, README 'Pretrained Models', item 1 'Fu
               "10 fstride, with Weight Averaging (0.459 mAP)': https://www.dropbox.com/s/ca0b1v2nlxzyeb4/"
               "audioset_10_10_0.4593.pth?dl=1 (save it as audioset_0.4593.pth)")
 AST_STRIDE = 10
+# The network's input: a 128-mel fbank of 1024 frames (10.24 s at 10 ms), as utils/extract/fbank.py makes it.
+NUM_MEL_BINS = 128
+AST_TARGET_LENGTH = 1024
 _HEAD_DIM = 64  # DeiT-base: 768 / 12 heads
 
 

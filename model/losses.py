@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.spans import generalized_temporal_iou, span_cw_to_se
-
 from . import fast_ops
+from .spans import generalized_temporal_iou, span_cw_to_se
 from .boundary_head import BoundaryCriterion
 from .matcher import HungarianMatcher
 
@@ -86,6 +86,10 @@ class RetrievalLoss(nn.Module):
         self.vmr_loss = vmr_loss
         self.weight = weight  # --dual_single_loss_weight (ignored by loss_fuse, as in the original)
         self.mask_same_music = mask_same_music
+        # Under torchrun with global negatives, the training setup sets this to the differentiable
+        # all-gather (utils/train/distributed.gather_with_grad): the id masking then compares this
+        # rank's ids with every rank's.
+        self.gather: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, sims: dict, logit_scale: Tensor, music_ids: list[str] | None = None) -> dict:
         """sims from MaDe.forward: square in-batch "dual"/"single", or, for a global batch split
@@ -99,8 +103,9 @@ class RetrievalLoss(nn.Module):
                 raise ValueError("--mask_same_music 1 needs the batch's music_id list")
             device = sims["dual"].device
             if blocks:  # the other ranks' tracks are negatives too: compare with the gathered ids
-                from utils.distributed import gather_with_grad
-                all_codes = gather_with_grad(music_id_codes(list(music_ids), device))
+                if self.gather is None:
+                    raise ValueError("rank blocks of a global batch need RetrievalLoss.gather (set under torchrun)")
+                all_codes = self.gather(music_id_codes(list(music_ids), device))
                 same = same_music_mask(list(music_ids), device, all_codes, offset)
             else:
                 same = same_music_mask(list(music_ids), device)

@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.distributed import gather_with_grad, get_rank, is_dist
 
 from .boundary_head import BoundaryHead
-from .detr import MLP, Transformer
+from .transformer import MLP, Transformer
 from .encoders import TemporalEncoder
 from .losses import build_criterion  # noqa: F401  (re-exported: train.py/test.py import it from here)
 from .position import sine_positions_1d
@@ -111,9 +111,11 @@ class MaDe(nn.Module):
     def __init__(self, cfg: MaDeConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or MaDeConfig()
-        # Set by utils/runtime.build_training under torchrun (unless --local_negatives 1): the
+        # Set by the training setup under torchrun (unless --local_negatives 1): the differentiable
+        # all-gather (utils/train/distributed.gather_with_grad) and this process's rank. The
         # training forward then computes the retrieval similarities over the global batch.
-        self.global_negatives = False
+        self.gather_negatives: Callable[[Tensor], Tensor] | None = None
+        self.negatives_rank = 0
         d = cfg.d_model
         temporal = dict(agg_module=cfg.agg_module, heads=cfg.temporal_heads, dropout=cfg.temporal_dropout,
                         residual_from_input=cfg.residual_from_input, act_after_proj=cfg.act_after_proj,
@@ -271,7 +273,7 @@ class MaDe(nn.Module):
 
     # ------------------------------------------------------------------ full forward
     def forward(self, batch: dict, losses: bool = True) -> dict:
-        """batch from utils.dataset.collate_fn -> embeddings, in-batch similarities, detection.
+        """batch from utils.data.dataset.collate_fn -> embeddings, in-batch similarities, detection.
 
         losses=False (an evaluation without a criterion) skips what only the losses read: the
         in-batch similarities (X-Pool over all B x B pairs; "similarities" is None) and the
@@ -279,7 +281,7 @@ class MaDe(nn.Module):
         v, Fv = self.encode_video(batch["frame_feats"], batch["frame_mask"])
         m, Sm = self.encode_music(batch["music_feats"], batch["music_mask"])
         # Training under torchrun: the retrieval loss sees the global batch (see _global_similarities).
-        global_batch = self.global_negatives and torch.is_grad_enabled() and is_dist()
+        global_batch = self.gather_negatives is not None and torch.is_grad_enabled()
         pooled = None
         if self.xpool is not None and ((losses and not global_batch) or self.cfg.moment_query_type == "xpool"):
             pooled = self.xpool(v, Sm, batch["music_mask"])
@@ -306,8 +308,8 @@ class MaDe(nn.Module):
         Cost per rank: X-Pool on 2*b*B pairs instead of b*b (the diagonal block twice), and
         the gathered snippet tokens [B, L, d] with their LN/K/V activations.
         """
-        gathered = [gather_with_grad(x) for x in (v, m, Sm, music_mask)]
-        return self.block_similarities((v, m, Sm, music_mask), gathered, get_rank() * v.shape[0])
+        gathered = [self.gather_negatives(x) for x in (v, m, Sm, music_mask)]
+        return self.block_similarities((v, m, Sm, music_mask), gathered, self.negatives_rank * v.shape[0])
 
     def block_similarities(self, local: tuple[Tensor, ...], gathered: list[Tensor] | tuple[Tensor, ...],
                            offset: int) -> dict:
@@ -352,5 +354,5 @@ def count_trainable_parameters(model: nn.Module) -> int:
 
 
 def build_model(args: argparse.Namespace) -> MaDe:
-    """MaDe for a parsed namespace (utils.options.parse_args)."""
+    """MaDe for a parsed namespace (utils.train.options.parse_args)."""
     return MaDe(MaDeConfig.from_args(args))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from utils.spans import generalized_temporal_iou, span_cw_to_se
+from .spans import generalized_temporal_iou, span_cw_to_se
 
 
 class HungarianMatcher(nn.Module):

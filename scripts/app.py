@@ -18,7 +18,7 @@ cut to the moment for each track whose audio file is found (the music_path colum
 index was built from or of --queries, looked up as written and under --music_dir, else
 <music_dir>/<music_id>.<ext>). "Preview" renders the query's video (the upload, or for a picked
 query its CSV video_path or <video_dir>/<video_id>.<ext>) with the chosen track's moment as its soundtrack
-(utils/render.py), shown in the page and downloadable. Plots, clips and previews are written to
+(utils/ground/render.py), shown in the page and downloadable. Plots, clips and previews are written to
 --out_dir.
 
 --demo DIR reads the layout scripts/demo.sh leaves (flags given explicitly take precedence):
@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.media import VIDEO_EXTENSIONS  # noqa: E402
+from utils.extract.media import VIDEO_EXTENSIONS  # noqa: E402
 
 DEMO_CHECKPOINT = "logs/*/*+demo*/pytorch_model.bin.best_r1"
 MAX_TOPK = 20
@@ -108,7 +108,7 @@ def resolve_demo(args: argparse.Namespace) -> None:
 
 
 def page_config(args: argparse.Namespace):
-    from utils.grounding_page import PageConfig
+    from utils.ground.page import PageConfig
     resolve_demo(args)
     if args.load_uni_model_path is None or args.index is None:
         raise ValueError("pass --demo DIR, or --load_uni_model_path and --index")
@@ -136,7 +136,7 @@ def message(text: str) -> str:
 def guarded(fn: Callable[..., Any], clear: Callable[[str], Any]) -> Callable[..., Any]:
     """Run a handler; bad input becomes a message in the page, an unexpected error too (with its traceback
     in the server's log only), and the server keeps serving either way."""
-    from utils.grounding_page import PAGE_ERRORS
+    from utils.ground.page import PAGE_ERRORS
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -159,7 +159,8 @@ def html_table(headers: list[str], rows: list[list]) -> str:
 
 def build_page(page) -> Any:
     import gradio as gr
-    from utils.grounding_page import format_moment, summary, table
+
+    from utils.ground.page import format_moment, summary, table
 
     topk = page.cfg.topk
     choices = page.query_choices()
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     cfg = page_config(args)
     offline_environment()
-    from utils.grounding_page import GroundingPage
+    from utils.ground.page import GroundingPage
     page = GroundingPage(cfg)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     print("starting the web server (importing Gradio takes a few seconds)")
@@ -269,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str] | None = None) -> int:
     """main() with bad input reported as one line on stderr and exit status 2 (no traceback)."""
     from model.pretrained import MissingWeightsError
-    from utils.checkpoint import CheckpointError
-    from utils.features import FeatureError
-    from utils.grounding import GroundingError
+    from utils.data.features import FeatureError
+    from utils.ground.model import GroundingError
+    from utils.train.checkpoint import CheckpointError
     try:
         return main(argv)
     except (GroundingError, CheckpointError, FeatureError, MissingWeightsError, ValueError,

@@ -9,13 +9,13 @@ loading, random MaDe-space tracks for MsG scoring and grounding. Numbers are med
 several runs. Sections:
 
   train     training samples/s at batch 64 and 512 (forward, criterion and train.py's update,
-            utils.engine.optimization_step, with Adam as utils/runtime.py builds it; one batch of
+            utils.train.loop.optimization_step, with Adam as utils/train/setup.py builds it; one batch of
             the demo data kept on the device, so loading is excluded), and the same step with the fast paths off
             (model.fast_ops.reference_paths(), plain Adam) at --reference_batches.
-  load      samples/s of one full pass of the training DataLoader (utils/runtime.make_loader:
+  load      samples/s of one full pass of the training DataLoader (utils/train/setup.make_loader:
             same sampler, workers, pinning as train.py) over the per-id .pt files and over the
             packed store; and the time to read one per-id file, torch.load vs the reader the
-            per-id store uses (utils/tensorfile.py).
+            per-id store uses (utils/data/tensorfile.py).
   msg       MsG evaluation (every video against every track, exact): model.index_music +
             model.score_videos at N = 500 ... 4,000 videos x N tracks, wall time and peak memory
             (peak RSS of a fresh subprocess per size on the CPU, max allocated on CUDA); the
@@ -25,9 +25,9 @@ several runs. Sections:
             videos and as many tracks read from per-id files (no packed store), with a randomly
             initialised checkpoint: wall time, peak RSS and test.py's own time breakdown
             (setup / load / encode / score / metrics), median of --eval_repeats runs.
-  epoch     whole training epochs as train.py runs them: utils/runtime.build_loaders (the training
+  epoch     whole training epochs as train.py runs them: utils/train/setup.build_loaders (the training
             DataLoader or, with --feature_device, resident features) + build_training, then per epoch
-            utils/engine.train_one_epoch and the validation (utils.engine.evaluate), on a packed demo
+            utils/train/loop.train_one_epoch and the validation (utils.evaluate.engine.evaluate), on a packed demo
             dataset of --epoch_videos training videos, --epoch_music tracks and --epoch_val val videos
             (one per track; default: the paper's scale on CUDA, 50,000 / 4,000 / 2,000, and a
             scaled-down 1,024 / 200 / 200 on the CPU, a few minutes). Two untimed warm-up steps,
@@ -37,7 +37,7 @@ several runs. Sections:
             512 by default), and projects the paper's 100 epochs at that batch over
             MGSV-EC's 49,194 training and 2,000 validation videos (validation scaled from the measured
             one: loading and encoding linearly, scoring and metrics quadratically in the videos).
-  grounding the grounding tools (utils/grounding_bench.py) on synthetic 2k/20k/100k libraries:
+  grounding the grounding tools (utils/ground/bench.py) on synthetic 2k/20k/100k libraries:
             index build time/size, single-query latency p50/p95 exhaustive vs two-stage, and how
             often the two-stage top-1/top-10 equals the exhaustive one.
 
@@ -114,7 +114,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="timed epochs after the warm-up (default 2 on CUDA, 1 on the CPU)")
     p.add_argument("--feature_devices", nargs="+", default=None, choices=["auto", "cpu", "cuda"],
                    help="--feature_device values timed in the epoch section (default: auto, and cuda on CUDA)")
-    # grounding (utils/grounding_bench.py)
+    # grounding (utils/ground/bench.py)
     p.add_argument("--grounding_sizes", type=int, nargs="+", default=None, help="default 2000 20000 100000")
     p.add_argument("--shortlist_ks", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--grounding_dtype", choices=["float32", "float16"], default="float16")
@@ -187,7 +187,7 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def default_args(extra: list[str] | None = None):
-    from utils.options import parse_args
+    from utils.train.options import parse_args
     return parse_args(["--name", "benchmark"] + (extra or []), mode="train")
 
 
@@ -221,10 +221,10 @@ def make_data(workdir: Path, quick: bool) -> Path:
 def bench_train(root: Path, device: torch.device, batches: list[int], reference_batches: list[int],
                 steps: int, amp: str, log: Callable[[str], None], warmup: int = 2) -> list[dict]:
     from model import fast_ops
-    from utils.dataset import build_dataset, collate_fn
-    from utils.distributed import DistInfo
-    from utils.engine import autocast_context, grad_scaler, optimization_step, to_device
-    from utils.runtime import build_training
+    from utils.data.dataset import build_dataset, collate_fn
+    from utils.train.distributed import DistInfo
+    from utils.train.loop import autocast_context, grad_scaler, optimization_step, to_device
+    from utils.train.setup import build_training
     csv = root / "dataset/MGSV-EC/train_data.csv"
     ds = build_dataset(csv, root / "features/Kuai_feature")
     rows = []
@@ -275,9 +275,9 @@ def format_train(rows: list[dict]) -> str:
 
 def bench_load(root: Path, device: torch.device, passes: int, num_workers: int | None,
                log: Callable[[str], None]) -> list[dict]:
-    from utils.dataset import build_dataset
-    from utils.distributed import DistInfo
-    from utils.runtime import loader_workers, make_loader
+    from utils.data.dataset import build_dataset
+    from utils.train.distributed import DistInfo
+    from utils.train.setup import loader_workers, make_loader
     args = default_args([] if num_workers is None else ["--num_workers", str(num_workers)])
     csv, features = root / "dataset/MGSV-EC/train_data.csv", root / "features/Kuai_feature"
     rows = []
@@ -302,11 +302,11 @@ def bench_load(root: Path, device: torch.device, passes: int, num_workers: int |
 
 
 def bench_file_read(root: Path, log: Callable[[str], None], count: int = 500, passes: int = 3) -> dict:
-    """Microseconds per per-id file: torch.load(weights_only=True) vs utils.tensorfile.read_tensor
+    """Microseconds per per-id file: torch.load(weights_only=True) vs utils.data.tensorfile.read_tensor
     (what the per-id store reads with), over the first `count` video and music feature files."""
-    from utils.features import music_modality, video_modality
+    from utils.data.features import music_modality, video_modality
+    from utils.data.tensorfile import read_tensor
     from utils.io import torch_load_plain
-    from utils.tensorfile import read_tensor
     features = root / "features/Kuai_feature"
     files = []
     for modality in (video_modality(features), music_modality(features)):
@@ -334,7 +334,7 @@ def format_load(rows: list[dict]) -> str:
     if reads:
         r = reads[0]
         text += (f"\n\nOne per-id feature file ({r['files']} video and music files, median of 3 passes): "
-                 f"torch.load {r['torch_load_us']} us, utils.tensorfile.read_tensor {r['read_tensor_us']} us.")
+                 f"torch.load {r['torch_load_us']} us, utils.data.tensorfile.read_tensor {r['read_tensor_us']} us.")
     return text
 
 
@@ -494,7 +494,7 @@ def make_eval_data(workdir: Path, size: int) -> tuple[Path, Path]:
     """(demo root, checkpoint): a split of `size` videos, one per track, per-id files only, and a
     randomly initialised default model saved as train.py saves one."""
     from model.made import build_model
-    from utils.checkpoint import save_checkpoint
+    from utils.train.checkpoint import save_checkpoint
     root = workdir / f"eval_{size}"
     if not (root / "demo_data.json").is_file():
         load_script("make_demo_data").make_demo_data(root, num_music=size, num_videos=100, val_size=size,
@@ -565,11 +565,12 @@ def make_epoch_data(workdir: Path, videos: int, music: int, val: int) -> Path:
 def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, feature_devices: list[str],
                 amp: str, log: Callable[[str], None], warmup_steps: int = 2) -> list[dict]:
     """Whole epochs (training + validation) per --feature_device value, as train.py runs them."""
-    from utils.distributed import DistInfo
-    from utils.engine import EVAL_PHASES, evaluate, train_one_epoch
+    from utils.evaluate.engine import EVAL_PHASES, evaluate
     from utils.logger import Scalars
-    from utils.runtime import build_loaders, build_training, seed_everything
     from utils.stopwatch import Stopwatch
+    from utils.train.distributed import DistInfo
+    from utils.train.loop import train_one_epoch
+    from utils.train.setup import build_loaders, build_training, seed_everything
     rows = []
     for feature_device in feature_devices:
         args = default_args(["--train_csv", str(root / "dataset/MGSV-EC/train_data.csv"),
@@ -643,8 +644,8 @@ def format_epoch(rows: list[dict], step_rows: list[dict]) -> str:
 
 def bench_grounding(ns: argparse.Namespace, workdir: Path, sizes: list[int], quick: bool,
                     log: Callable[[str], None]) -> dict:
-    from utils.grounding import load_model
-    from utils.grounding_bench import benchmark_grounding, encode_rate, random_model
+    from utils.ground.bench import benchmark_grounding, encode_rate, random_model
+    from utils.ground.model import load_model
     gm = (load_model(ns.load_uni_model_path, ns.device) if ns.load_uni_model_path
           else random_model(ns.seed, ns.device))
     rate = encode_rate(gm)
@@ -687,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_repeats = ns.eval_repeats or (1 if q else 3)
     feature_devices = ns.feature_devices or (["auto", "cuda"] if cuda else ["auto"])
 
-    from utils.grounding_bench import format_benchmark
+    from utils.ground.bench import format_benchmark
     from utils.io import atomic_write_json
     env = environment(device)
     print("machine: " + json.dumps(env))

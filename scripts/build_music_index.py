@@ -56,7 +56,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.grounding import build_index, check_out_folder, load_model, open_index, read_music_ids, read_usage
+    from utils.ground.index import build_index, check_out_folder, read_usage
+    from utils.ground.library import open_index
+    from utils.ground.model import load_model
+    from utils.ground.queries import read_music_ids
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.verify is not None:
@@ -94,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """main() with bad input reported as one line on stderr and exit status 2 (no traceback)."""
-    from utils.checkpoint import CheckpointError
-    from utils.grounding import GroundingError
+    from utils.ground.model import GroundingError
+    from utils.train.checkpoint import CheckpointError
     try:
         return main(argv)
     except (GroundingError, CheckpointError, ValueError, FileNotFoundError) as e:

@@ -45,8 +45,8 @@ for b in start0 center random track_prior; do
 done
 python - "${OUT}" "${names[@]}" start0 center random track_prior <<'PY'
 import json, sys
-from utils.metrics import METRIC_KEYS, format_table
-from utils.track_prior import SUBSETS
+from utils.evaluate.metrics import METRIC_KEYS, format_table
+from utils.evaluate.track_prior import SUBSETS
 out, names = sys.argv[1], sys.argv[2:]
 table = {n.replace("_with_prior", "+prior"): json.load(open(f"{out}/metrics_{n}.json")) for n in names}
 print("\nTest split of the synthetic data (R@k and IoU@k in %, mIoU as a fraction; '+prior': the\n"

@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.dataset import build_dataset, collate_fn  # noqa: E402
-from utils.engine import foreground_index, spans_to_seconds, to_device, top_moment  # noqa: E402
-from utils.grounding import load_model  # noqa: E402
-from utils.metrics import smg_ious  # noqa: E402
-from utils.options import parse_args  # noqa: E402
-from utils.preflight import run_cli  # noqa: E402
+from model.spans import foreground_index, spans_to_seconds, top_moment
+from utils.data.dataset import build_dataset, collate_fn  # noqa: E402
+from utils.evaluate.metrics import smg_ious  # noqa: E402
+from utils.ground.model import load_model  # noqa: E402
+from utils.train.checkpoint import CheckpointError  # noqa: E402
+from utils.train.loop import to_device  # noqa: E402
+from utils.train.options import parse_args  # noqa: E402
+from utils.train.preflight import run_cli  # noqa: E402
 
 
 def best_window_starts(attention: np.ndarray, stride: float, v_duration: np.ndarray, m_duration: np.ndarray,

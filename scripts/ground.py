@@ -24,7 +24,7 @@ exhaustive. Bad input: one-line error, exit status 2.
 
 --render OUT.mp4 (with --video): the query video with the top-1 track's moment (or that of
 --render_track MUSIC_ID, one of the returned tracks) as its soundtrack: the video stream copied
-unchanged, the cut audio faded in/out (--fade s) and encoded as AAC (utils/render.py). The
+unchanged, the cut audio faded in/out (--fade s) and encoded as AAC (utils/ground/render.py). The
 track's audio file comes from the music_path column of the CSV the index was built from, looked
 up as written and under --music_dir, or from <music_dir>/<music_id>.<ext>.
 
@@ -78,7 +78,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def load_queries(args: argparse.Namespace, num_frames: int):
-    from utils.grounding import GroundingError, Queries, load_query_csv, load_video
+    from utils.ground.model import GroundingError
+    from utils.ground.queries import Queries, load_query_csv, load_video
     if args.video is not None:
         return extract_query(args, num_frames)
     path = Path(args.video_feature)
@@ -95,9 +96,9 @@ def load_queries(args: argparse.Namespace, num_frames: int):
 def extract_query(args: argparse.Namespace, num_frames: int):
     """CLIP features of a raw video, exactly as scripts/extract_features.py writes them."""
     from model.clip_encoder import load_clip
-    from utils.extract import extract_video_features
-    from utils.grounding import Queries
-    from utils.runtime import resolve_device
+    from utils.extract.extract import extract_video_features
+    from utils.ground.queries import Queries
+    from utils.train.setup import resolve_device
     path = Path(args.video)
     if not path.is_file():
         raise FileNotFoundError(f"--video {path}: no such file")
@@ -116,8 +117,10 @@ def plot_paths(base: str, video_ids: list[str], limit: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.grounding import (check_index_matches, format_results, ground, load_model, open_index,
-                                 plot_result)
+    from utils.ground.grounding import ground
+    from utils.ground.library import check_index_matches, open_index
+    from utils.ground.model import load_model
+    from utils.ground.report import format_results, plot_result
     from utils.io import atomic_write_json
     args = get_parser().parse_args(argv)
     if args.topk < 1 or args.batch_size < 1:
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_render_args(args: argparse.Namespace) -> None:
     """--render's inputs, checked before the model loads."""
-    from utils.render import CONTAINERS
+    from utils.ground.render import CONTAINERS
     if args.render is None:
         if args.render_track is not None:
             raise ValueError("--render_track goes with --render OUT.mp4")
@@ -170,8 +173,8 @@ def check_render_args(args: argparse.Namespace) -> None:
 
 
 def render(args: argparse.Namespace, result, library) -> None:
-    from utils.media_paths import index_source_csv, music_locator
-    from utils.render import pick_track, render_hit
+    from utils.extract.media_paths import index_source_csv, music_locator
+    from utils.ground.render import pick_track, render_hit
     hit = pick_track(result.tracks, args.render_track)
     find_audio = music_locator(args.music_dir, [index_source_csv(library.manifest)]).find
     done = render_hit(hit, args.video, args.render, find_audio, args.fade)
@@ -181,12 +184,12 @@ def render(args: argparse.Namespace, result, library) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """main() with bad input reported as one line on stderr and exit status 2 (no traceback)."""
-    from utils.checkpoint import CheckpointError
-    from utils.grounding import GroundingError
-    from utils.media import MediaError
+    from utils.extract.media import MediaError
+    from utils.ground.model import GroundingError
+    from utils.train.checkpoint import CheckpointError
     try:
         return main(argv)
-    # utils.render.RenderError is a ValueError.
+    # utils.ground.render.RenderError is a ValueError.
     except (GroundingError, CheckpointError, MediaError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -87,9 +87,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.annotations import COLUMNS, format_annotations_csv  # noqa: E402
-from utils.features import (MUSIC_DIM, VIDEO_DIM, VIDEO_DIR, music_dir_for_stride,  # noqa: E402
-                            num_snippets_for)
+from utils.data.annotations import COLUMNS, format_annotations_csv  # noqa: E402
+from utils.data.features import MUSIC_DIM, VIDEO_DIM, VIDEO_DIR, music_dir_for_stride, num_snippets_for  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 MARKER = "demo_data.json"

@@ -132,8 +132,10 @@ def write_video(path: Path, seconds: float, colours: np.ndarray) -> None:
 
 def model_tracks(checkpoint: str, index: str, feature_root: Path, video_ids: list[str], topk: int) -> set[str]:
     """The tracks the model returns for these queries (so the page has audio for what it shows)."""
-    from utils.features import FeatureStore
-    from utils.grounding import ground, load_model, open_index
+    from utils.data.store import FeatureStore
+    from utils.ground.grounding import ground
+    from utils.ground.library import open_index
+    from utils.ground.model import load_model
     gm = load_model(checkpoint, "cpu")
     library = open_index(index, gm)
     feats, masks = FeatureStore(feature_root, num_frames=gm.num_frames).videos(video_ids)
@@ -193,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.load_uni_model_path is None) != (args.index is None):
         print("error: --load_uni_model_path and --index go together", file=sys.stderr)
         return 2
-    from utils.checkpoint import CheckpointError
-    from utils.grounding import GroundingError
+    from utils.ground.model import GroundingError
+    from utils.train.checkpoint import CheckpointError
     try:
         done = make_demo_media(args.demo, args.queries, args.load_uni_model_path, args.index, args.topk)
     except (FileNotFoundError, ValueError, GroundingError, CheckpointError) as e:

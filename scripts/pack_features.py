@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.features import (FeatureError, Modality, inspect_packed, music_modality, open_packed,  # noqa: E402
-                            pack_modality, rebuild_command, video_modality)
+from utils.data.features import FeatureError, Modality, music_modality, video_modality
+from utils.data.packed import inspect_packed, open_packed, pack_modality, rebuild_command  # noqa: E402
 from utils.io import OutputError, WriteError, check_writable_dir  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import torch
 
 from tests.cli_helpers import TINY_MODEL
 from tests.conftest import load_script
-from utils.checkpoint import save_checkpoint
+from utils.train.checkpoint import save_checkpoint
 
 TINY_DEMO = dict(num_music=16, num_videos=40, val_size=4, test_size=8, seed=3)
 CHECKPOINT = Path("logs/MGSV-EC/0101+demo/pytorch_model.bin.best_r1")
@@ -18,7 +18,7 @@ CHECKPOINT = Path("logs/MGSV-EC/0101+demo/pytorch_model.bin.best_r1")
 
 def make_tiny_demo(root: Path, media_queries: int = 2, topk: int = 3) -> dict[str, Path]:
     from model.made import build_model
-    from utils.options import parse_args
+    from utils.train.options import parse_args
     load_script("make_demo_data").make_demo_data(root, **TINY_DEMO)
     args = parse_args(["--device", "cpu", *TINY_MODEL], mode="train")
     torch.manual_seed(0)

@@ -38,8 +38,8 @@ def tiny_checkpoint(path: Path, seed: int = 0, epoch: int = 1) -> Path:
     import torch
 
     from model.made import build_model
-    from utils.checkpoint import save_checkpoint
-    from utils.options import parse_args
+    from utils.train.checkpoint import save_checkpoint
+    from utils.train.options import parse_args
     args = parse_args([*TINY_MODEL, "--device", "cpu"], mode="train")
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ Each rank builds the model, loaders and DDP wrapper exactly as train.py does (ut
 its share of the first global batch, and saves to OUT_DIR/rank<r>.pt:
   * the first-step gradients (after DDP's all-reduce) with global-batch negatives, and again with
     --local_negatives behaviour, plus the per-rank losses and the batch's video ids;
-  * the parameters after a few optimizer steps of utils/engine.train_one_epoch.
+  * the parameters after a few optimizer steps of utils/train/loop.train_one_epoch.
 The test imports this module to compute the same things in one process.
 
 Dropout: a rank's dropout masks cannot match one process's, so every dropout is off: the flags
@@ -25,12 +25,12 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils import distributed as D  # noqa: E402
-from utils.engine import to_device, train_one_epoch  # noqa: E402
 from utils.io import atomic_torch_save  # noqa: E402
 from utils.logger import Scalars, setup_logger  # noqa: E402
-from utils.options import parse_args  # noqa: E402
-from utils.runtime import build_loaders, build_training, seed_everything  # noqa: E402
+from utils.train import distributed as D  # noqa: E402
+from utils.train.loop import to_device, train_one_epoch  # noqa: E402
+from utils.train.options import parse_args  # noqa: E402
+from utils.train.setup import build_loaders, build_training, seed_everything  # noqa: E402
 
 GLOBAL_BATCH = 8
 TRAIN_STEPS = 3
@@ -87,12 +87,12 @@ def main(out_dir: str, data_root: str) -> None:
     setup_logger(None, is_main=dist_info.is_main)
     args = tiny_args(Path(data_root))
     loader, _, model, criterion, optimizer, scheduler, ddp_model = setup(args, dist_info)
-    assert model.global_negatives and isinstance(ddp_model, nn.parallel.DistributedDataParallel)
+    assert model.gather_negatives is D.gather_with_grad and isinstance(ddp_model, nn.parallel.DistributedDataParallel)
     batch = to_device(next(iter(loader)), torch.device("cpu"))
     loss, grads = step_grads(ddp_model, model, criterion, batch)
-    model.global_negatives = False   # what --local_negatives 1 sets
+    model.gather_negatives = None   # what --local_negatives 1 leaves
     loss_local, grads_local = step_grads(ddp_model, model, criterion, batch)
-    model.global_negatives = True
+    model.gather_negatives = D.gather_with_grad
     train_one_epoch(ddp_model, criterion, loader, optimizer, scheduler, torch.device("cpu"), 1, args,
                     Scalars(None, enabled=False), 0, show_progress=False, max_steps=TRAIN_STEPS)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -232,7 +232,7 @@ def test_bad_uploads_give_a_message_and_the_server_keeps_serving(page, server: d
 # --------------------------------------------------------------------------------------- without a browser
 def test_missing_clip_weights_is_a_message(tiny_demo: dict, tmp_path: Path) -> None:
     from model.pretrained import MissingWeightsError
-    from utils.grounding_page import GroundingPage, PageConfig
+    from utils.ground.page import GroundingPage, PageConfig
     page = GroundingPage(PageConfig(checkpoint=str(tiny_demo["ckpt"]), index=str(tiny_demo["index"]),
                                     clip_weights=str(tmp_path / "nowhere" / "ViT-B-32.pt"), device="cpu",
                                     out_dir=str(tmp_path / "out")), say=lambda _: None)
@@ -244,7 +244,7 @@ def test_missing_clip_weights_is_a_message(tiny_demo: dict, tmp_path: Path) -> N
 def test_canonical_clip_column_only_with_usage_history(tiny_demo: dict, tmp_path: Path) -> None:
     """The index may carry each track's canonical clip (the start most training uses take): the table
     shows it when the hits have it, and has no such column otherwise."""
-    from utils.grounding_page import GroundingPage, PageConfig, table
+    from utils.ground.page import GroundingPage, PageConfig, table
     page = GroundingPage(PageConfig(checkpoint=str(tiny_demo["ckpt"]), index=str(tiny_demo["index"]),
                                     queries_csv=str(tiny_demo["csv"]), feature_root=str(tiny_demo["features"]),
                                     device="cpu", out_dir=str(tmp_path)), say=lambda _: None)

@@ -29,13 +29,6 @@ def test_benchmark_smoke(tmp_path):
     assert "| 40 x 40 |" in res["markdown"] and "packed / per-id" in res["markdown"]
 
 
-def test_bench_grounding_maps_onto_benchmark_flags():
-    argv = load_script("bench_grounding").benchmark_argv(["--sizes", "100", "--dtype", "float32", "--keep"])
-    ns = load_script("benchmark").get_parser().parse_args(argv)
-    assert ns.sections == ["grounding"] and ns.grounding_sizes == [100] and ns.grounding_dtype == "float32"
-    assert ns.keep_indexes and not ns.reuse_indexes
-
-
 def test_benchmark_epoch_section(tmp_path):
     """Whole epochs on both training-batch paths, with the step-only rate and the projection beside them."""
     bench = load_script("benchmark")

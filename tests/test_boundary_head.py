@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from model.boundary_head import BoundaryHead, start_targets
+from model.spans import spans_to_seconds, top_moment
 from tests.conftest import load_script
 from tests.test_detector_learns import fit_small_batch
-from utils.checkpoint import save_checkpoint
-from utils.engine import spans_to_seconds, top_moment
-from utils.metrics import moment_iou
-from utils.options import parse_args
+from utils.evaluate.metrics import moment_iou
+from utils.train.checkpoint import save_checkpoint
+from utils.train.options import parse_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

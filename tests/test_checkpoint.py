@@ -12,14 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import TINY_MODEL, start_cli
+
 from model.made import build_model
-from utils.checkpoint import (LAST_NAME, CheckpointError, load_checkpoint, load_model_weights,
-                              load_resume_checkpoint, resume_checkpoint_path, save_checkpoint)
-from utils.options import parse_args
-from utils.preflight import (ConfigError, RunDirError, check_new_run_dir, given_flags, resume_settings,
-                             set_aside_previous_run)
+from utils.train.checkpoint import (
+    LAST_NAME,
+    CheckpointError,
+    load_checkpoint,
+    load_model_weights,
+    load_resume_checkpoint,
+    resume_checkpoint_path,
+    save_checkpoint,
+)
+from utils.train.options import parse_args
+from utils.train.preflight import (
+    ConfigError,
+    RunDirError,
+    check_new_run_dir,
+    given_flags,
+    resume_settings,
+    set_aside_previous_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +97,8 @@ def test_sigkill_mid_write_keeps_the_previous_checkpoint(tiny, tmp_path: Path) -
     script.write_text(textwrap.dedent(f"""
         import io, pathlib, time, torch
         from model.made import build_model
-        from utils.checkpoint import save_checkpoint
-        from utils.options import parse_args
+        from utils.train.checkpoint import save_checkpoint
+        from utils.train.options import parse_args
         real_save = torch.save
         def stalled(obj, f, *a, **k):   # write half of the file, flush it, then hang until killed
             buf = io.BytesIO(); real_save(obj, buf)

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import DEMO_SIZES, load_script
-from utils.annotations import load_annotations
-from utils.features import FeatureStore
+
+from utils.data.annotations import load_annotations
+from utils.data.store import FeatureStore
 
 make_demo_data = load_script("make_demo_data").make_demo_data
 SPLITS = ("train", "val", "test")
@@ -220,8 +220,8 @@ def test_moments_are_learnable_through_the_loader(demo_data: Path, one_torch_thr
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
 
-    from utils.dataset import build_dataset, collate_fn
-    from utils.metrics import moment_iou
+    from utils.data.dataset import build_dataset, collate_fn
+    from utils.evaluate.metrics import moment_iou
 
     torch.manual_seed(0)
     root, stride = demo_data / "dataset" / "MGSV-EC", 2.5

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.dataset import build_dataset, collate_fn
-from utils.distributed import DistInfo
-from utils.engine import optimization_step, spans_to_seconds, top_moment
-from utils.metrics import moment_iou
-from utils.options import parse_args
-from utils.runtime import build_training
+from model.spans import spans_to_seconds, top_moment
+from utils.data.dataset import build_dataset, collate_fn
+from utils.evaluate.metrics import moment_iou
+from utils.train.distributed import DistInfo
+from utils.train.loop import optimization_step
+from utils.train.options import parse_args
+from utils.train.setup import build_training
 
 
 def fit_small_batch(demo_data: Path, flags: list[str], steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

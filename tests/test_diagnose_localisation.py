@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, load_script
-from utils.checkpoint import save_checkpoint
+from utils.train.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 diag = load_script("diagnose_localisation")
@@ -50,7 +50,7 @@ def test_best_window_starts() -> None:
 
 def test_detector_column_equals_test_py(demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from model.made import build_model
-    from utils.options import parse_args
+    from utils.train.options import parse_args
     args = parse_args(["--device", "cpu"], mode="train")
     torch.manual_seed(0)
     ckpt = tmp_path / "pytorch_model.bin.best_r1"

@@ -11,11 +11,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.annotations import COLUMNS, load_annotations
-from utils.evaluate import (BASELINES, EvaluationError, baseline_predictions, candidate_music_ids,
-                            evaluate_predictions, main, metrics_from_scores, predictions_from_scores)
-from utils.metrics import METRIC_KEYS
-from utils.track_prior import canonical_clips
+from utils.data.annotations import COLUMNS, load_annotations
+from utils.evaluate.metrics import METRIC_KEYS
+from utils.evaluate.offline import (
+    BASELINES,
+    EvaluationError,
+    baseline_predictions,
+    candidate_music_ids,
+    evaluate_predictions,
+    main,
+    metrics_from_scores,
+    predictions_from_scores,
+)
+from utils.evaluate.track_prior import canonical_clips
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "MGSV-EC"

@@ -1,7 +1,7 @@
-"""Feature extraction from raw media (scripts/extract_features.py, utils/extract.py, utils/media.py,
+"""Feature extraction from raw media (scripts/extract_features.py, utils/extract/extract.py, utils/extract/media.py,
 model/ast_encoder.py): synthetic video/audio written here with PyAV / wave, encoders with random weights saved
 in the formats users download, then shapes, masks, numerics against reference forwards, determinism,
-resumability, failure handling, CSV inputs, and loading through utils.features.FeatureStore."""
+resumability, failure handling, CSV inputs, and loading through utils.data.store.FeatureStore."""
 from __future__ import annotations
 
 import json
@@ -11,18 +11,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import load_script
-from media_helpers import (ast_checkpoint, ast_reference_forward, openai_clip_state_dict, save_torchscript,
-                           second_colour, write_video, write_wav)
-from model.ast_encoder import (AST_FILE_NAME, ASTEncoder, build_ast, convert_ast_checkpoint, infer_ast_config,
-                               load_ast)
-from model.clip_encoder import (CLIP_FILE_NAME, CLIPImageEncoder, build_clip_vision, convert_openai_clip,
-                                infer_clip_config)
+from media_helpers import (
+    ast_checkpoint,
+    ast_reference_forward,
+    openai_clip_state_dict,
+    save_torchscript,
+    second_colour,
+    write_video,
+    write_wav,
+)
+
+from model.ast_encoder import AST_FILE_NAME, ASTEncoder, build_ast, convert_ast_checkpoint, infer_ast_config, load_ast
+from model.clip_encoder import (
+    CLIP_FILE_NAME,
+    CLIPImageEncoder,
+    build_clip_vision,
+    convert_openai_clip,
+    infer_clip_config,
+)
 from model.pretrained import MissingWeightsError
-from utils.extract import extract_music_features, extract_video_features, music_windows
-from utils.fbank import ast_input
-from utils.media import MediaError, decode_audio, decode_frames_1fps
+from utils.extract.extract import extract_music_features, extract_video_features, music_windows
+from utils.extract.fbank import ast_input
+from utils.extract.media import MediaError, decode_audio, decode_frames_1fps
 
 main = load_script("extract_features").main
 
@@ -204,9 +215,9 @@ def test_script_end_to_end_resume_and_failures(media, weights, tmp_path, capsys)
 
 
 def test_output_loads_through_feature_store(media, weights, tmp_path):
-    """What train/test/ground read: utils.features.FeatureStore validates dims (512 / 768), so the AST here
+    """What train/test/ground read: utils.data.store.FeatureStore validates dims (512 / 768), so the AST here
     has the real width (one block) and the track is short (2 valid windows)."""
-    features = pytest.importorskip("utils.features")
+    features = pytest.importorskip("utils.data.store")
     out = tmp_path / "feats"
     ast768 = tmp_path / AST_FILE_NAME
     torch.save(ast_checkpoint(width=768, depth=1), ast768)

@@ -19,7 +19,7 @@ from model import fast_ops
 from model.losses import SetCriterion
 from model.made import MaDe, MaDeConfig, build_criterion
 from model.matcher import HungarianMatcher
-from utils.options import parse_args
+from utils.train.options import parse_args
 
 TOL = 1e-5
 # Gradients through the whole network (8 attention layers, ReLUs) accumulate more rounding:
@@ -334,7 +334,7 @@ def test_uniform_int16_is_uniform_and_seeded():
 
 
 def test_fused_adam_matches_default():
-    """utils.runtime builds Adam with fused=True (one kernel instead of ~10 ops per tensor)."""
+    """utils.train.setup builds Adam with fused=True (one kernel instead of ~10 ops per tensor)."""
     torch.manual_seed(11)
     params = [torch.randn(17, 5), torch.randn(3)]
     copies = [p.clone() for p in params]
@@ -357,7 +357,7 @@ def test_batched_fetch_items_equal_per_item_path(demo_data):
     the per-item __getitem__ results, and torch's default_collate of them gives collate_fn's batch."""
     from torch.utils.data import default_collate
 
-    from utils.dataset import build_dataset, collate_fn
+    from utils.data.dataset import build_dataset, collate_fn
     ds = build_dataset(demo_data / "dataset/MGSV-EC/val_data.csv", demo_data / "features/Kuai_feature")
     idx = [3, 0, 7, 7, 1]
     items = ds.__getitems__(idx)

@@ -1,4 +1,4 @@
-"""Kaldi-compatible fbank (utils/fbank.py).
+"""Kaldi-compatible fbank (utils/extract/fbank.py).
 
 torchaudio (the authors' implementation) has no build for this project's torch version, so it cannot be the
 reference here. Instead the fbank is pinned by (a) an independent float64 numpy implementation written from
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.fbank import AST_MEAN, AST_STD, ast_input, fbank, mel_filterbank, num_frames
+from utils.extract.fbank import AST_MEAN, AST_STD, ast_input, fbank, mel_filterbank, num_frames
 
 SR = 16000
 EPS32 = float(np.finfo(np.float32).eps)

@@ -10,13 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import load_script
 from torch.utils.data import DataLoader
 
-from conftest import load_script
-from utils.annotations import load_annotations
-from utils.dataset import MGSVDataset, build_dataset, collate_fn
-from utils.features import (MUSIC_DIRS, FeatureError, FeatureStore, music_modality, open_packed,
-                            pack_modality, video_modality)
+from utils.data.annotations import load_annotations
+from utils.data.dataset import MGSVDataset, build_dataset, collate_fn
+from utils.data.features import MUSIC_DIRS, FeatureError, music_modality, video_modality
+from utils.data.packed import open_packed, pack_modality
+from utils.data.store import FeatureStore
 
 pack_features = load_script("pack_features")
 

@@ -24,7 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from utils.evaluate import main  # noqa: E402
+from utils.evaluate.offline import main  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -145,7 +145,9 @@ def test_malformed_feature_file(feature_root: Path, capsys: pytest.CaptureFixtur
                                 payload) -> None:
     """A sound pair with one `aspect` changed."""
     from conftest import load_script
-    from utils.features import open_packed, video_modality
+
+    from utils.data.features import video_modality
+    from utils.data.packed import open_packed
     feat_path = feature_root / "vit_feature1" / "vit_feature" / "x.pt"
     mask_path = feature_root / "vit_feature1" / "vit_mask" / "x.pt"
     shape, dtype = (shape if aspect == "shape" else (FRAMES, 512)), (dtype if aspect == "dtype" else torch.float32)
@@ -181,7 +183,9 @@ def test_malformed_feature_file(feature_root: Path, capsys: pytest.CaptureFixtur
 def index_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny model's index of 6 random tracks, a query, and the intact index's results."""
     from cli_helpers import tiny_checkpoint
-    from utils.grounding import encode_tracks, load_model, write_index
+
+    from utils.ground.index import encode_tracks, write_index
+    from utils.ground.model import load_model
     root = tmp_path_factory.mktemp("fuzz_index")
     gm = load_model(tiny_checkpoint(root / "model.bin"), "cpu")
     g = torch.Generator().manual_seed(0)

@@ -10,13 +10,13 @@ import torch
 
 from tests.conftest import load_script
 from tests.media_helpers import openai_clip_state_dict, write_video
-from utils.checkpoint import save_checkpoint
+from utils.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
 def setup(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from model.made import build_model
-    from utils.options import parse_args
+    from utils.train.options import parse_args
     tmp = tmp_path_factory.mktemp("ground_raw")
     args = parse_args(["--device", "cpu"], mode="train")
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def setup(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_raw_video_equals_extracted_features(setup: dict) -> None:
     from model.clip_encoder import load_clip
-    from utils.extract import extract_video_features
+    from utils.extract.extract import extract_video_features
     ground = load_script("ground")
     out_raw = setup["tmp"] / "raw.json"
     assert ground.run(["--load_uni_model_path", str(setup["ckpt"]), "--index", str(setup["index"]),

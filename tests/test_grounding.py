@@ -19,14 +19,22 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, load_script
-from utils.checkpoint import save_checkpoint
-from utils.grounding import (GroundingError, exhaustive_scores, ground, load_model, load_video,
-                             open_index, prepare_video, read_music_ids, select_tracks, top_by_score,
-                             two_stage_scores, write_index)
+from utils.ground.grounding import ground
+from utils.ground.index import write_index
+from utils.ground.library import open_index
+from utils.ground.model import GroundingError, load_model
+from utils.ground.queries import load_video, prepare_video, read_music_ids
+from utils.ground.search import exhaustive_scores, select_tracks, top_by_score, two_stage_scores
+from utils.train.checkpoint import save_checkpoint
 
 # The README's example, verbatim (tests/test_grounding.py::test_readme_example runs it).
 README_EXAMPLE = '''\
-from utils.grounding import build_index, ground, load_model, load_video, open_index, plot_result
+from utils.ground.index import build_index
+from utils.ground.grounding import ground
+from utils.ground.model import load_model
+from utils.ground.queries import load_video
+from utils.ground.library import open_index
+from utils.ground.report import plot_result
 gm = load_model("runs/demo/pytorch_model.bin.best_r1")                     # weights + their config
 build_index(gm, "demo/dataset/MGSV-EC/test_data.csv", "demo/features/Kuai_feature", "music.index")
 library = open_index("music.index", gm)                  # refuses an index built with other weights
@@ -43,7 +51,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _checkpoint(path: Path, seed: int) -> Path:
     from model.made import build_model
-    from utils.options import parse_args
+    from utils.train.options import parse_args
     args = parse_args(["--device", "cpu"], mode="train")
     torch.manual_seed(seed)
     save_checkpoint(path, build_model(args), args, epoch=0)
@@ -293,7 +301,7 @@ def test_plot(setup: dict, tmp_path: Path) -> None:
              "--frozen_feature_path", str(setup["features"])]), 50)
     result = ground(gm, library, q.feats[:1], q.masks[:1], topk=4, video_ids=q.video_ids[:1],
                     gt_music_ids=q.gt_music_ids[:1], gt_moments=q.gt_moments[:1])[0]
-    from utils.grounding import plot_result
+    from utils.ground.report import plot_result
     png = plot_result(result, tmp_path / "plot.png")
     img = imread(png)
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 800
@@ -322,7 +330,7 @@ def test_readme_example(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_benchmark_building_blocks(setup: dict, tmp_path: Path) -> None:
-    from utils.grounding_bench import benchmark_grounding, format_benchmark
+    from utils.ground.bench import benchmark_grounding, format_benchmark
     rows = benchmark_grounding(setup["gm"], sizes=(64,), shortlist_ks=(8,), workdir=tmp_path, num_queries=4,
                                latency_queries=1, topk=2, log=lambda *a: None)
     (row,) = rows
@@ -338,7 +346,7 @@ def test_shortlist_uses_faiss_when_installed(setup: dict, monkeypatch: pytest.Mo
     same shortlist as the matrix product."""
     import types
 
-    from utils.grounding import shortlist
+    from utils.ground.search import shortlist
 
     class IndexFlatIP:
         def __init__(self, dim: int):
@@ -366,8 +374,8 @@ def test_index_with_usage_history_reports_canonical_clips(setup: dict, ground_ro
                                                          tmp_path: Path) -> None:
     """build_music_index --prior_csv stores each track's canonical clip in the training CSV; ground.py
     reports it beside the model's moment (trimmed to the query's length) and draws it in the plot."""
-    from utils.annotations import load_annotations
-    from utils.track_prior import canonical_clips
+    from utils.data.annotations import load_annotations
+    from utils.evaluate.track_prior import canonical_clips
     train_csv = demo_data / "dataset/MGSV-EC/train_data.csv"
     index = tmp_path / "usage.index"
     assert load_script("build_music_index").run(

@@ -21,9 +21,19 @@ from typing import Callable
 import pandas as pd
 import pytest
 import torch
-
-from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, linked_feature_root, read_csv_text,
-                         replace_file, run_many, subset_csv, tiny_checkpoint, train_args)
+from cli_helpers import (
+    CPU,
+    TINY_MODEL,
+    assert_clean_failure,
+    demo_paths,
+    linked_feature_root,
+    read_csv_text,
+    replace_file,
+    run_many,
+    subset_csv,
+    tiny_checkpoint,
+    train_args,
+)
 
 TRAIN_ROWS, VAL_ROWS = 48, 20
 PARALLEL = 3  # processes at once
@@ -229,7 +239,7 @@ def _cuda_without_cuda(base: dict, tmp: Path) -> Case:
 def _other_configuration(base: dict, tmp: Path) -> Case:
     """A weights-only file (like the authors') of a 32-wide model, evaluated with the default 256 width."""
     from model.made import build_model
-    from utils.options import parse_args
+    from utils.train.options import parse_args
     path = tmp / "small_model.bin"
     path.write_bytes(_tensor_bytes(build_model(parse_args(TINY_MODEL, mode="test")).state_dict()))
     return _test_py(base, path, [f"checkpoint {path} does not fit this model configuration", "shape mismatch",
@@ -323,12 +333,12 @@ def test_hostile_input(all_runs: dict, name: str) -> None:
 
 def test_only_project_errors_are_reported_without_traceback() -> None:
     """train.py/test.py print the project's own errors as one message; anything else is a bug."""
-    from utils.annotations import AnnotationError
-    from utils.features import FeatureError
-    from utils.preflight import ConfigError, is_user_error, user_error_message
+    from utils.data.annotations import AnnotationError
+    from utils.data.features import FeatureError
+    from utils.train.preflight import ConfigError, is_user_error, user_error_message
     assert is_user_error(AnnotationError("x")) and is_user_error(ConfigError("y")) and is_user_error(FeatureError("z"))
     assert not is_user_error(ValueError("a bare ValueError from torch or numpy is a bug"))
     assert not is_user_error(RuntimeError("shape mismatch"))
     wrapped = FeatureError("Caught FeatureError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                           "call last):\n  File \"x.py\", line 1\nutils.features.FeatureError: a.pt: bad\n")
+                           "call last):\n  File \"x.py\", line 1\nutils.data.features.FeatureError: a.pt: bad\n")
     assert user_error_message(wrapped) == "a.pt: bad"

@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-import utils.grounding as grounding
 from cli_helpers import demo_paths, read_csv_text, tiny_checkpoint
 from conftest import load_script
-from utils.grounding import GroundingError, build_index, load_model, open_index
+
+import utils.ground.library as library_module
+from utils.ground.index import build_index
+from utils.ground.library import open_index
+from utils.ground.model import GroundingError, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 build_cli, ground_cli = load_script("build_music_index"), load_script("ground")
@@ -76,8 +78,8 @@ def test_untouched_index_opens_without_reading_its_files(model: dict, tmp_path: 
     files = json.loads((index / "manifest.json").read_text())["files"]
     assert {"music_ids.json", "m.npy", "tokens.bin", "xpool_keys.bin", "xpool_gram.bin"} <= set(files)
     digested = []
-    real_digest = grounding.file_digest
-    monkeypatch.setattr(grounding, "file_digest", lambda p: digested.append(Path(p).name) or real_digest(p))
+    real_digest = library_module.file_digest
+    monkeypatch.setattr(library_module, "file_digest", lambda p: digested.append(Path(p).name) or real_digest(p))
     open_index(index, model["gm"])
     assert digested == []
     open_index(index, model["gm"], verify=True)
@@ -124,7 +126,7 @@ def test_verify_finds_an_edit_the_stat_does_not_show(model: dict, tmp_path: Path
     index = _build(model, tmp_path / "music.index")
     files = json.loads((index / "manifest.json").read_text())["files"]
     _edit_in_place(index / "m.npy")
-    monkeypatch.setattr(grounding, "stat_record", lambda p: files[Path(p).name]["stat"])
+    monkeypatch.setattr(library_module, "stat_record", lambda p: files[Path(p).name]["stat"])
     assert _ground(model, index, tmp_path) == 0
     capsys.readouterr()
     assert _ground(model, index, tmp_path, "--verify") == 2

@@ -6,8 +6,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from model.matcher import HungarianMatcher
-from utils.spans import generalized_temporal_iou, span_cw_to_se
-
+from model.spans import generalized_temporal_iou, span_cw_to_se
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

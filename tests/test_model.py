@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from model.made import MaDe, build_criterion, build_model, count_trainable_parameters
 from model.position import sine_positions_1d, sinusoid_table
-from utils.options import parse_args
-
+from utils.train.options import parse_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

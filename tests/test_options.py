@@ -1,7 +1,7 @@
 """The shared argparse definition: script defaults, derived fields, rejected combinations."""
 import pytest
 
-from utils.options import MODEL_KEYS, get_parser, parse_args
+from utils.train.options import MODEL_KEYS, get_parser, parse_args
 
 # Every flag of reference section 8 (train script), same names.
 ORIGINAL_FLAGS = """name output_dir load_uni_model_path resume_path data train_data val_data test_data train_csv

@@ -19,12 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import (
+    CPU,
+    TINY_MODEL,
+    assert_clean_failure,
+    demo_paths,
+    output,
+    run_many,
+    subset_csv,
+    tiny_checkpoint,
+    train_args,
+)
 
-from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, output, run_many, subset_csv,
-                         tiny_checkpoint, train_args)
-from utils.checkpoint import LAST_NAME, jsonable_config, save_checkpoint
 from utils.io import WriteError, atomic_write_json
-from utils.options import parse_args
+from utils.train.checkpoint import LAST_NAME, jsonable_config, save_checkpoint
+from utils.train.options import parse_args
 
 EARLY_STOP = ("R1", "R5", "mIoU", "R1_iou0.5", "R1_iou0.7")
 

@@ -1,4 +1,4 @@
-"""ground.py --render / utils.render: the query video with the chosen moment as its soundtrack.
+"""ground.py --render / utils.ground.render: the query video with the chosen moment as its soundtrack.
 
 What a user relies on: the output plays (PyAV reopens it) with exactly one video and one audio
 stream; the picture is the input's, bit for bit (packets copied, frames decoded identical); the
@@ -21,8 +21,8 @@ from scipy.signal import correlate
 
 from tests.conftest import load_script
 from tests.media_helpers import openai_clip_state_dict, write_video
-from utils.media import MediaError
-from utils.render import RenderError, probe_video, render_preview
+from utils.extract.media import MediaError
+from utils.ground.render import RenderError, probe_video, render_preview
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -170,7 +170,7 @@ def test_render_without_audio_or_video(setup: dict, tiny_demo: dict, capsys: pyt
     assert not out.exists()
 
 
-# ------------------------------------------------------------------------------------------ utils.render
+# ------------------------------------------------------------------------------------------ utils.ground.render
 def test_moment_longer_or_shorter_than_the_video(tmp_path: Path) -> None:
     video = write_video(tmp_path / "v.mp4", seconds=4.0)
     wav = write_sections_wav(tmp_path / "t.wav", 30.0, seed=5)

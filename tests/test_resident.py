@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.distributed import DistInfo
-from utils.options import parse_args
+from utils.train.distributed import DistInfo
+from utils.train.options import parse_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,9 +54,9 @@ def test_resident_batches_equal_the_dataloader(demo_data: Path, packed_demo: Pat
                                                packed: bool) -> None:
     """Two epochs, every rank of a simulated torchrun, per-id files and the packed store: the same
     ids in the same order and equal tensors."""
-    from utils.dataset import build_dataset
-    from utils.resident import ResidentLoader
-    from utils.runtime import make_loader, make_train_loader
+    from utils.data.dataset import build_dataset
+    from utils.data.resident import ResidentLoader
+    from utils.train.setup import make_loader, make_train_loader
     root = packed_demo if packed else demo_data
     dataset = build_dataset(root / "dataset/MGSV-EC/train_data.csv", root / "features/Kuai_feature")
     assert dataset.store.is_packed == packed
@@ -75,17 +75,17 @@ def test_resident_batches_equal_the_dataloader(demo_data: Path, packed_demo: Pat
 def test_auto_keeps_the_dataloader_on_cpu(demo_data: Path) -> None:
     from torch.utils.data import DataLoader
 
-    from utils.dataset import build_dataset
-    from utils.runtime import make_train_loader
+    from utils.data.dataset import build_dataset
+    from utils.train.setup import make_train_loader
     dataset = build_dataset(demo_data / "dataset/MGSV-EC/train_data.csv", demo_data / "features/Kuai_feature")
     loader, _ = make_train_loader(dataset, 24, DistInfo(), torch.device("cpu"), _args())
     assert isinstance(loader, DataLoader)
 
 
 def test_cuda_features_need_cuda_training(demo_data: Path) -> None:
-    from utils.dataset import build_dataset
-    from utils.preflight import ConfigError
-    from utils.resident import choose_feature_device
+    from utils.data.dataset import build_dataset
+    from utils.data.resident import choose_feature_device
+    from utils.train.preflight import ConfigError
     dataset = build_dataset(demo_data / "dataset/MGSV-EC/train_data.csv", demo_data / "features/Kuai_feature")
     with pytest.raises(ConfigError, match="--feature_device cuda"):
         choose_feature_device("cuda", dataset, torch.device("cpu"))
@@ -93,8 +93,8 @@ def test_cuda_features_need_cuda_training(demo_data: Path) -> None:
 
 def test_resident_features_hold_each_id_once(demo_data: Path) -> None:
     """Repeated tracks are stored once; the footprint resident_bytes predicts is the one allocated."""
-    from utils.dataset import build_dataset
-    from utils.resident import ResidentFeatures, resident_bytes
+    from utils.data.dataset import build_dataset
+    from utils.data.resident import ResidentFeatures, resident_bytes
     dataset = build_dataset(demo_data / "dataset/MGSV-EC/train_data.csv", demo_data / "features/Kuai_feature")
     features = ResidentFeatures(dataset, torch.device("cpu"))
     assert features.music_feats.shape[0] == len(set(dataset.music_ids)) < len(dataset)
@@ -103,9 +103,18 @@ def test_resident_features_hold_each_id_once(demo_data: Path) -> None:
 
 def test_training_with_resident_features_equals_the_dataloader_run(demo_data: Path, tmp_path: Path) -> None:
     """train.py end to end: --feature_device cpu trains the very same run (weights bit for bit)."""
-    from cli_helpers import (comparable_history, demo_paths, only_run_dir, output, read_state, run_cli, subset_csv,
-                             train_args)
-    from utils.checkpoint import LAST_NAME, load_checkpoint
+    from cli_helpers import (
+        comparable_history,
+        demo_paths,
+        only_run_dir,
+        output,
+        read_state,
+        run_cli,
+        subset_csv,
+        train_args,
+    )
+
+    from utils.train.checkpoint import LAST_NAME, load_checkpoint
     demo = demo_paths(demo_data)
     train = subset_csv(demo["train"], tmp_path / "train_data.csv", 48)
     val = subset_csv(demo["val"], tmp_path / "val_data.csv", 20)

@@ -1,7 +1,7 @@
 """Span conversions, IoU and generalised IoU on hand-computed cases."""
 import torch
 
-from utils.spans import generalized_temporal_iou, span_cw_to_se, span_se_to_cw, temporal_iou
+from model.spans import generalized_temporal_iou, span_cw_to_se, span_se_to_cw, temporal_iou
 
 
 def t(*rows):

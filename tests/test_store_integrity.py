@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import load_script
-from utils.features import FeatureError, FeatureStore, inspect_packed, open_packed, pack_modality, video_modality
+
+from utils.data.features import FeatureError, video_modality
+from utils.data.packed import inspect_packed, open_packed, pack_modality
+from utils.data.store import FeatureStore
 
 pack_features = load_script("pack_features")
 
@@ -85,11 +87,11 @@ def test_store_file_edited_is_refused(root: Path, target: str) -> None:
 def test_failed_rebuild_keeps_the_previous_store(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     modality = video_modality(root)
     before = {p.name: p.read_bytes() for p in modality.packed_dir.iterdir()}
-    import utils.features as features
+    import utils.data.packed as packed
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(features, "atomic_save_npy", fail)
+    monkeypatch.setattr(packed, "atomic_save_npy", fail)
     with pytest.raises(OSError):
         pack_features.pack(root, modalities=("video",), force=True, progress=False)
     assert {p.name: p.read_bytes() for p in modality.packed_dir.iterdir()} == before

@@ -1,4 +1,4 @@
-"""utils/tensorfile.read_tensor: exactly torch.load's tensor for plain torch.save files, None for anything else."""
+"""utils/data/tensorfile.read_tensor: exactly torch.load's tensor for plain torch.save files, None for anything else."""
 from __future__ import annotations
 
 import pickle
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.tensorfile import read_tensor
+from utils.data.tensorfile import read_tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32,

@@ -14,13 +14,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import (
+    assert_clean_failure,
+    comparable_history,
+    demo_paths,
+    linked_feature_root,
+    only_run_dir,
+    output,
+    read_csv_text,
+    read_state,
+    replace_file,
+    run_cli,
+    run_many,
+    start_cli,
+    subset_csv,
+    train_args,
+)
 
-from cli_helpers import (assert_clean_failure, comparable_history, demo_paths, linked_feature_root, only_run_dir,
-                         output, read_csv_text, read_state, replace_file, run_cli, run_many, start_cli, subset_csv,
-                         train_args)
-from utils.checkpoint import LAST_NAME
-from utils.preflight import RunDirError
-from utils.runlock import LOCK_NAME, check_free
+from utils.train.checkpoint import LAST_NAME
+from utils.train.preflight import RunDirError
+from utils.train.runlock import LOCK_NAME, check_free
 
 EPOCHS = 3
 WORKERS = ["--num_workers", "1"]
@@ -143,10 +156,10 @@ def test_resume_of_a_finished_run_changes_nothing(reference: Path, data: dict) -
 def test_seed_fixes_initialisation_dropout_and_data_order(data: dict) -> None:
     """In-process: the same seed gives the same weights, dropout masks and batches; another seed does not."""
     from model.made import build_model
-    from utils.dataset import build_dataset
-    from utils.distributed import DistInfo
-    from utils.options import parse_args
-    from utils.runtime import make_loader, seed_everything
+    from utils.data.dataset import build_dataset
+    from utils.train.distributed import DistInfo
+    from utils.train.options import parse_args
+    from utils.train.setup import make_loader, seed_everything
     args = parse_args(["--dim_input", "32", "--detr_dim_feedforward", "64", "--detr_enc_layers", "1",
                        "--detr_dec_layers", "2", "--contrastive_dim", "32", "--num_workers", "0"])
     dataset = build_dataset(data["train"], data["features"])

@@ -1,7 +1,7 @@
-"""train.py -> test.py -> utils.evaluate end to end on a slice of the demo data (issue 4).
+"""train.py -> test.py -> utils.evaluate.offline end to end on a slice of the demo data (issue 4).
 
 One 2-epoch training run is shared by the module; test.py must reproduce the validation
-metrics train.py logged for an epoch from that epoch's checkpoint, and utils.evaluate must
+metrics train.py logged for an epoch from that epoch's checkpoint, and utils.evaluate.offline must
 give test.py's numbers from test.py's own per-video predictions.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from cli_helpers import CPU, demo_paths, only_run_dir, output, read_state, run_cli, subset_csv, train_args
-from utils.checkpoint import BEST_NAMES, LAST_NAME
-from utils.metrics import METRIC_KEYS
+
+from utils.evaluate.metrics import METRIC_KEYS
+from utils.train.checkpoint import BEST_NAMES, LAST_NAME
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def _assert_same_metrics(got: dict, expected: dict, where: str, miou_tol: float 
 
 
 def _evaluator_records(rows: list[dict]) -> list[dict]:
-    """test.py's --save_json rows -> the records utils.evaluate reads. pred_raw is the detector's
+    """test.py's --save_json rows -> the records utils.evaluate.offline reads. pred_raw is the detector's
     moment before clipping (pred_st/pred_ed are clipped, rounded, and may have start > end when
     the moment lies past the end of the track; the evaluator clips by itself)."""
     return [{"video_id": r["video_id"], "ranked_music_ids": r["ranked_music_ids"],
@@ -129,13 +129,13 @@ def test_single_checkpoint_metrics_and_predictions(trained: dict) -> None:
         assert row["gt_rank"] == row["ranked_music_ids"].index(row["music_id"]) + 1
     evaluated = _run_evaluate(trained, rows, "full")
     # mIoU to 1e-6 only: test.py takes the annotation times from the dataset's float32 tensors,
-    # utils.evaluate reads them from the CSV as float64 (IoUs differ by ~1e-7). Everything else,
+    # utils.evaluate.offline reads them from the CSV as float64 (IoUs differ by ~1e-7). Everything else,
     # IoU thresholds included, must be equal.
     _assert_same_metrics(evaluated, metrics, "utils.evaluate", miou_tol=1e-6)
 
 
 def test_top_k_predictions_agree_on_what_they_determine(trained: dict) -> None:
-    """With the default top-k list, utils.evaluate still agrees on SmG and on R@k for k <= the list length."""
+    """With the default top-k list, utils.evaluate.offline still agrees on SmG and on R@k for k <= the list length."""
     root, run = trained["root"], trained["run"]
     metrics_path = root / "top5_metrics.json"
     best = run / "pytorch_model.bin.best_r1"

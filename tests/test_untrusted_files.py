@@ -13,12 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, linked_feature_root, read_csv_text,
-                         replace_file, run_many, subset_csv)
+from cli_helpers import (
+    CPU,
+    TINY_MODEL,
+    assert_clean_failure,
+    demo_paths,
+    linked_feature_root,
+    read_csv_text,
+    replace_file,
+    run_many,
+    subset_csv,
+)
 from conftest import load_script
-from utils.checkpoint import LAST_NAME, CheckpointError, load_checkpoint, load_resume_checkpoint, save_checkpoint
-from utils.options import parse_args
+
+from utils.train.checkpoint import LAST_NAME, CheckpointError, load_checkpoint, load_resume_checkpoint, save_checkpoint
+from utils.train.options import parse_args
 
 
 class Payload:
@@ -62,7 +71,7 @@ def test_checkpoint_with_payload_is_refused(tmp_path: Path) -> None:
 
 def test_new_checkpoints_need_no_extra_globals(tmp_path: Path) -> None:
     """Resume state (with every RNG state) loads with torch's default weights-only allow-list."""
-    from utils.runtime import capture_rng, restore_rng
+    from utils.train.setup import capture_rng, restore_rng
     args, model = _tiny_model()
     path = tmp_path / LAST_NAME
     rng = capture_rng()
@@ -78,7 +87,7 @@ def test_new_checkpoints_need_no_extra_globals(tmp_path: Path) -> None:
 def test_checkpoints_written_before_still_load(tmp_path: Path) -> None:
     """Our .last files used to carry numpy's RNG state as an ndarray (and metrics could be numpy
     scalars); the authors' files are bare (DDP-prefixed) state dicts."""
-    from utils.runtime import restore_rng
+    from utils.train.setup import restore_rng
     args, model = _tiny_model()
     np.random.seed(3)
     old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -213,7 +222,8 @@ def test_index_with_non_finite_rows_is_refused(entry_point_runs: dict, tmp_path:
     manifest's records made afresh), the finite check still refuses it."""
     import json
 
-    from utils.grounding import MANIFEST, GroundingError, _file_records, open_index
+    from utils.ground.library import MANIFEST, file_records, open_index
+    from utils.ground.model import GroundingError
     from utils.io import manifest_digest
     proc, _, bad_index = entry_point_runs["ground.py index"]
     index = tmp_path / "music.index"
@@ -224,7 +234,7 @@ def test_index_with_non_finite_rows_is_refused(entry_point_runs: dict, tmp_path:
     with pytest.raises(GroundingError, match=r"m.npy changed since the index was built"):
         open_index(index)
     manifest = json.loads((index / MANIFEST).read_text())
-    manifest["files"] = _file_records(index)
+    manifest["files"] = file_records(index)
     manifest["manifest_digest"] = manifest_digest(manifest)
     (index / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(GroundingError, match=r"m.npy: NaN/inf values for track\(s\) .*rebuild it with `python"):

@@ -205,7 +205,7 @@ def atomic_save_npy(array: np.ndarray, path: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------ integrity records
-# Shared by the packed feature store (utils/features.py) and the music index (utils/grounding.py):
+# Shared by the packed feature store (utils/data/features.py) and the music index (utils/ground/grounding.py):
 # both record, when built, a content digest and the stat of each of their files, and a digest
 # of their manifest; opening compares the stat every time and the content when the stat moved.
 def file_digest(path: str | os.PathLike) -> str:

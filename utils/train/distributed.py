@@ -11,7 +11,7 @@ What runs where (see also README, "Multi-GPU / multi-node"):
     through `gather_with_grad` (model/made.py), so --batch_size_train means the
     same number of negatives on any number of processes;
   * evaluation: `ShardSampler` cuts the split into contiguous, equally long
-    shards (the last one padded by repeating a row); utils/engine.collect gathers
+    shards (the last one padded by repeating a row); utils/evaluate/engine.collect gathers
     every rank's rows and drops the padding, so all ranks compute the metrics
     over the whole split exactly as one process does;
   * only rank 0 writes files (checkpoints, logs, TensorBoard).
@@ -158,6 +158,7 @@ def ddp_wrap(model: torch.nn.Module, device: torch.device, local_rank: int,
     """DistributedDataParallel without per-forward buffer sync (MaDe's only buffers are constant
     position tables; rank 0's weights and buffers are still copied to every rank at start)."""
     import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
     no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else {"broadcast_buffers": False})
@@ -224,7 +225,7 @@ class ShardSampler(Sampler[int]):
     Every rank yields exactly s indices (the last shards are padded by repeating the split's
     last row), so every rank runs the same number of batches. Concatenating the ranks' outputs
     in rank order and keeping the first n rows gives the split in its own order, duplicates
-    removed: that is what utils/engine.collect does. (DistributedSampler interleaves ranks and
+    removed: that is what utils/evaluate/engine.collect does. (DistributedSampler interleaves ranks and
     pads at the front of the permutation; this layout makes the trim a slice.)
     """
 

@@ -274,7 +274,7 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
                             "training GPU and gathers each batch there (no host loading per step); 'cpu' holds "
                             "them as tensors in host memory; 'auto' = cuda when training on CUDA from the packed "
                             "store and they fit in half the free GPU memory, else the DataLoader. Same batches "
-                            "(ids, order, values) on every path (utils/resident.py)")
+                            "(ids, order, values) on every path (utils/data/resident.py)")
         g.add_argument("--local_negatives", type=flag01, default=0,
                        help="under torchrun: 1 = retrieval-loss negatives from each process's own "
                             "batch_size_train/N rows only (less memory); 0 = the global batch, as on one GPU")
@@ -284,7 +284,7 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
                        help="evaluate the best checkpoints found in --load_uni_model_path")
         g.add_argument("--prior_csv", default="",
                        help="split whose track usage counts as known, for the seen/unseen/canonical breakdown "
-                            "(utils/track_prior.py); empty = the checkpoint's --train_csv when that file exists; "
+                            "(utils/evaluate/track_prior.py); empty = the checkpoint's --train_csv when that file exists; "
                             "'none' = no breakdown")
         g.add_argument("--save_json_ranking", type=nonneg_int, default=100,
                        help="tracks in each video's ranked_music_ids in the --save_json file (0 = all: what "

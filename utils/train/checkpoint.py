@@ -195,10 +195,10 @@ def adopt_checkpoint_config(args: Any, state: dict) -> list[str]:
     """Take the model-defining settings from the checkpoint, so a checkpoint evaluates as it was trained.
 
     Authors' checkpoints carry no configuration: the command line (paper defaults) applies.
-    Shared by test.py and utils/grounding.py (the inference tools), so both build the same model.
+    Shared by test.py and utils/ground/grounding.py (the inference tools), so both build the same model.
     Returns one "key=value (command line: ...)" string per setting that changed.
     """
-    from utils.options import MODEL_KEYS  # local import: reading a checkpoint should not need the parser
+    from utils.train.options import MODEL_KEYS  # local import: reading a checkpoint should not need the parser
     cfg = state.get("config") or {}
     changed = []
     for key in MODEL_KEYS:

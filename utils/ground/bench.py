@@ -32,8 +32,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.grounding import (GroundingModel, MusicLibrary, detect_pairs, exhaustive_scores, open_index,
-                             top_by_score, two_stage_scores, weights_fingerprint, write_index)
+from utils.ground.index import write_index
+from utils.ground.library import MusicLibrary, open_index
+from utils.ground.model import GroundingModel, weights_fingerprint
+from utils.ground.search import detect_pairs, exhaustive_scores, top_by_score, two_stage_scores
 
 
 @dataclass
@@ -57,6 +59,7 @@ class SyntheticSpec:
 def random_model(seed: int = 0, device: str | torch.device = "cpu") -> GroundingModel:
     """An untrained MaDe (paper configuration) when no checkpoint is given."""
     import argparse
+
     from model.made import MaDe, MaDeConfig
     torch.manual_seed(seed)
     model = MaDe(MaDeConfig()).to(device).eval()

@@ -3,10 +3,15 @@
 Spans are stored in two conventions:
   * (center, width)  -- what the span head predicts, normalised by 240 s;
   * (start, end)     -- what IoU and the metrics use.
-The conversions do not clamp: the original computes gIoU on unclamped spans
-(reference section 3.2), and clamping to the track happens only at evaluation.
+The conversions do not clamp: the original computes gIoU on unclamped spans (its
+SetCriterion's span loss), and clamping to the track happens only at evaluation.
+
+Decoding the detector's output into one moment (top_moment, spans_to_seconds) lives here too,
+so that test.py, the grounding tools and the boundary head decode alike.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,3 +54,24 @@ def generalized_temporal_iou(spans1: Tensor, spans2: Tensor) -> Tensor:
     right = torch.max(spans1[:, None, 1], spans2[None, :, 1])
     enclosing = (right - left).clamp(min=0)
     return iou - (enclosing - union) / enclosing
+
+
+def foreground_index(args: Any) -> int:
+    # fb_label "01": class 0 = foreground (the original's default), "10": class 1.
+    return 0 if getattr(args, "fb_label", "01") == "01" else 1
+
+
+def top_moment(detection: dict, fg_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(center, width) of the highest-scoring query and its foreground probability."""
+    prob = detection["pred_logits"].float().softmax(-1)[..., fg_index]      # [B, Q]
+    score, best = prob.max(dim=1)
+    spans = detection["pred_spans"].float()                                   # [B, Q, 2]
+    span = spans.gather(1, best[:, None, None].expand(-1, 1, spans.shape[-1]))[:, 0]
+    return span, score
+
+
+def spans_to_seconds(span_cw: torch.Tensor, max_m_duration: float) -> torch.Tensor:
+    """Normalised (center, width) -> (start, end) in seconds, unclipped."""
+    center, width = span_cw[:, 0], span_cw[:, 1]
+    return torch.stack([center - width / 2, center + width / 2], dim=1) * max_m_duration
+

@@ -249,7 +249,7 @@ def gt_ranks(scores: Any, music_ids_of_columns: Sequence[str], gt_music_ids: Seq
 
 def ranked_music_ids(scores: Any, music_ids_of_columns: Sequence[str], gt_music_ids: Sequence[str] | None = None,
                      top_k: int | None = None, chunk_rows: int | None = None) -> list[list[str]]:
-    """Distinct music ids per video, best first (what utils.evaluate reads as "ranked_music_ids").
+    """Distinct music ids per video, best first (what utils.evaluate.offline reads as "ranked_music_ids").
 
     Same de-duplication as gt_ranks. When gt_music_ids is given, the GT id is placed AFTER every id it ties
     with, so that the position of the GT id in the list equals gt_ranks(...) exactly (the pessimistic rule
@@ -283,7 +283,7 @@ def ranks_from_ranked_lists(ranked_lists: Sequence[Sequence[str]], gt_music_ids:
     rank0 = number of DISTINCT ids listed before the first occurrence of the GT id (the original's dedup walk).
     A GT id that is not listed ranks after every other candidate (rank0 = num_candidates - 1): ids missing from a
     prefix are ranked after all listed ones, and pessimistically, so a truncated list can never look better
-    than the full one. Candidate membership is validated by the caller (utils.evaluate).
+    than the full one. Candidate membership is validated by the caller (utils.evaluate.offline).
     """
     if len(ranked_lists) != len(gt_music_ids):
         raise ValueError(f"{len(ranked_lists)} ranked lists for {len(gt_music_ids)} videos")
@@ -356,7 +356,7 @@ def _rank_iou(rank0: Any, ious: Any) -> tuple[np.ndarray, np.ndarray]:
 # everything
 # --------------------------------------------------------------------------------------------------------------
 def metrics_from_ranks(rank0: Any, ious: Any) -> dict[str, float]:
-    """All METRIC_KEYS from per-video GT ranks (0-based) and SmG IoUs. Shared by compute_all and utils.evaluate
+    """All METRIC_KEYS from per-video GT ranks (0-based) and SmG IoUs. Shared by compute_all and utils.evaluate.offline
     so that a score matrix and the equivalent ranked lists give identical numbers by construction."""
     out: dict[str, float] = {}
     out.update(msg_metrics(rank0))

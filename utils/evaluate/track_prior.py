@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from utils.metrics import metrics_from_ranks
+from utils.evaluate.metrics import metrics_from_ranks
 
 # Starts closer than this (seconds) count as the same cut of a track.
 CANONICAL_TOLERANCE = 1.0
@@ -108,7 +108,7 @@ def subset_metrics(rank0: Any, ious: Any, masks: Mapping[str, np.ndarray],
 
 
 def subset_table(flat: Mapping[str, float], keys: Sequence[str] = SUBSET_METRICS) -> dict[str, dict[str, float]]:
-    """Prefixed keys -> {subset (n videos): {metric: value}}, the shape utils.metrics.format_table prints."""
+    """Prefixed keys -> {subset (n videos): {metric: value}}, the shape utils.evaluate.metrics.format_table prints."""
     table: dict[str, dict[str, float]] = {}
     for name in SUBSETS:
         n = flat.get(f"{name}/n")

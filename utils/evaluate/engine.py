@@ -1,6 +1,6 @@
-"""The training step and the evaluation protocol, shared by train.py and test.py.
+"""The evaluation protocol, shared by train.py's per-epoch validation and test.py.
 
-Evaluation follows the authors' protocol (reference section 5):
+It follows the authors' protocol (xxayt/MGSV train-MaDe.py `eval_epoch`, test-MaDe.py):
   * SmG: the detector runs on every (video, ground-truth track) pair;
   * MsG: every video is scored against every track of the split
     (dual + single similarity for the default --vmr_loss), ranks deduplicated
@@ -11,182 +11,20 @@ memory-bounded chunks (MaDe.score_videos), which gives the same scores.
 """
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import distributed as D
-from utils import metrics as M
-from utils.logger import Scalars, get_logger
+from model.spans import foreground_index, spans_to_seconds, top_moment
+from utils.evaluate import metrics as M
+from utils.logger import get_logger
 from utils.stopwatch import Stopwatch, timed_iter
-
-TENSOR_KEYS = ("frame_feats", "frame_mask", "music_feats", "music_mask", "spans_target", "gt_moment")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the run stops and keeps its last good checkpoint."""
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    non_blocking = device.type == "cuda"
-    return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def autocast_context(device: torch.device, amp: str):
-    """bf16/fp16 autocast on CUDA when asked; fp32 everywhere else (the paper's setting)."""
-    if amp == "none" or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def foreground_index(args: Any) -> int:
-    # fb_label "01": class 0 = foreground (the original's default), "10": class 1.
-    return 0 if getattr(args, "fb_label", "01") == "01" else 1
-
-
-def top_moment(detection: dict, fg_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(center, width) of the highest-scoring query and its foreground probability."""
-    prob = detection["pred_logits"].float().softmax(-1)[..., fg_index]      # [B, Q]
-    score, best = prob.max(dim=1)
-    spans = detection["pred_spans"].float()                                   # [B, Q, 2]
-    span = spans.gather(1, best[:, None, None].expand(-1, 1, spans.shape[-1]))[:, 0]
-    return span, score
-
-
-def spans_to_seconds(span_cw: torch.Tensor, max_m_duration: float) -> torch.Tensor:
-    """Normalised (center, width) -> (start, end) in seconds, unclipped."""
-    center, width = span_cw[:, 0], span_cw[:, 1]
-    return torch.stack([center - width / 2, center + width / 2], dim=1) * max_m_duration
-
-
-@dataclass
-class RunningMeans:
-    """Sums of detached loss parts on the device; converted to floats once per log interval."""
-    sums: dict = field(default_factory=dict)
-    count: int = 0
-
-    def update(self, parts: dict[str, torch.Tensor]) -> None:
-        for k, v in parts.items():
-            if torch.is_tensor(v):
-                v = v.detach().float()
-                self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count += 1
-
-    def means(self) -> dict[str, float]:
-        """Means over the updates; under torchrun over every rank's updates (a collective: all
-        ranks call it at the same point, with the same keys)."""
-        if not self.sums:
-            return {}
-        keys = list(self.sums)
-        stacked = torch.stack([self.sums[k].reshape(()) for k in keys] + [self.sums[keys[0]].new_tensor(self.count)])
-        values = D.all_reduce_sum(stacked).cpu().tolist()  # one host sync
-        count = values.pop()
-        return {k: v / max(1.0, count) for k, v in zip(keys, values)}
-
-
-def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """Loss scaling for --amp fp16 on CUDA (bf16 and float32 need none)."""
-    return torch.amp.GradScaler("cuda") if (amp == "fp16" and device.type == "cuda") else None
-
-
-def optimization_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, max_grad_norm: float,
-                      scaler: torch.amp.GradScaler | None = None) -> None:
-    """backward, gradient clipping, optimizer step, zeroed gradients: one training update."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    # The original clips each parameter group separately (temporal, matching, detection).
-    for group in optimizer.param_groups:
-        torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: Iterable,
-                    optimizer: torch.optim.Optimizer, scheduler, device: torch.device, epoch: int,
-                    args: Any, scalars: Scalars, global_step: int, show_progress: bool = True,
-                    max_steps: int | None = None) -> tuple[dict[str, float], int]:
-    """One pass over the training loader; returns (epoch means incl. train mIoU, new global step)."""
-    model.train()
-    criterion.train()
-    log = get_logger()
-    fg = foreground_index(args)
-    epoch_means, interval_means = RunningMeans(), RunningMeans()
-    pred_se, gt_se, m_dur = [], [], []
-    num_steps = len(loader) if max_steps is None else min(max_steps, len(loader))
-    log_every = max(1, math.ceil(num_steps / max(1, args.num_display)))
-    scaler = grad_scaler(args.amp, device)
-    bar = tqdm(loader, total=num_steps, desc=f"train {epoch}", disable=not show_progress, leave=False,
-               dynamic_ncols=True)
-    t0 = time.time()
-    for step, batch in enumerate(bar):
-        if step >= num_steps:
-            break
-        batch = to_device(batch, device)
-        with autocast_context(device, args.amp):
-            outputs = model(batch)
-            loss, parts = criterion(outputs, batch)
-        # Every rank takes the same branch (one raising while the others wait in backward would hang).
-        if not D.all_true(bool(torch.isfinite(loss)), device):
-            raise NonFiniteLossError(
-                f"non-finite training loss (this process: {loss.item()}) at epoch {epoch}, step {step + 1}; "
-                f"parts: { {k: float(v) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1} }. "
-                "Check the input features for extreme values, or lower --matching_lr/--detection_lr.")
-        optimization_step(loss, optimizer, args.max_grad_norm, scaler)
-        scheduler.step()
-        global_step += 1
-
-        parts = {"loss": loss, **parts}
-        epoch_means.update(parts)
-        interval_means.update(parts)
-        with torch.no_grad():
-            span, _ = top_moment(outputs["detection"], fg)
-            pred_se.append(spans_to_seconds(span, args.max_m_duration).detach())
-            gt_se.append(batch["gt_moment"][:, 0].detach())
-            m_dur.append(batch["m_duration"].detach() if torch.is_tensor(batch["m_duration"])
-                         else torch.as_tensor(batch["m_duration"]))
-        if (step + 1) % log_every == 0 or step + 1 == num_steps:
-            means = interval_means.means()
-            interval_means = RunningMeans()
-            lr = optimizer.param_groups[0]["lr"]
-            for key in ("loss", "retrieval_loss", "localization_loss", "loss_span", "loss_giou",
-                        "loss_label", "class_error", "loss_contrastive_align"):
-                if key in means:
-                    scalars.add(f"train/{key}", means[key], global_step)
-            scalars.add("train/lr", lr, global_step)
-            rate = (step + 1) * _batch_size(batch) * D.get_world_size() / max(1e-9, time.time() - t0)
-            log.info(f"epoch {epoch} step {step + 1}/{num_steps} loss {means.get('loss', float('nan')):.4f} "
-                     f"ret {means.get('retrieval_loss', float('nan')):.4f} "
-                     f"loc {means.get('localization_loss', float('nan')):.4f} lr {lr:.2e} {rate:.1f} samples/s")
-    bar.close()
-    results = epoch_means.means()
-    if pred_se:
-        pred = torch.cat(pred_se).cpu().double().numpy()
-        gt = torch.cat(gt_se).cpu().double().numpy()
-        dur = torch.cat([d.reshape(-1) for d in m_dur]).cpu().double().numpy()
-        ious = M.moment_iou(M.clip_moments(pred, dur, args.max_m_duration), gt)
-        if D.is_dist():  # train mIoU over every rank's videos
-            ious = D.all_gather_varlen(torch.from_numpy(ious).to(device)).cpu().numpy()
-        results.update({f"train_{k}": v for k, v in M.smg_metrics(ious).items()})
-    return results, global_step
-
-
-def _batch_size(batch: dict) -> int:
-    return int(batch["frame_feats"].shape[0])
+from utils.train import distributed as D
+from utils.train.loop import RunningMeans, autocast_context, to_device
 
 
 @dataclass
@@ -286,8 +124,8 @@ def _gather_collected(loader, video_ids: list[str], music_ids: list[str], per_vi
     """
     sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
     if not isinstance(sampler, D.ShardSampler):
-        raise ValueError("evaluation under torchrun needs a loader built by utils.runtime.make_eval_loader "
-                         "(utils.distributed.ShardSampler), so that every row is evaluated exactly once")
+        raise ValueError("evaluation under torchrun needs a loader built by utils.train.setup.make_eval_loader "
+                         "(utils.train.distributed.ShardSampler), so that every row is evaluated exactly once")
     n = sampler.num_rows
     if len(video_ids) != sampler.shard_len:
         raise RuntimeError(f"this rank collected {len(video_ids)} rows, its shard has {sampler.shard_len}")
@@ -335,7 +173,7 @@ def ious_with_usage_prior(model: torch.nn.Module, c: Collected, track_starts: di
     """SmG IoUs of the boundary head decoded together with each track's usage history
     (model/boundary_head.usage_log_prior): the head alone for a track the history lacks."""
     from model.boundary_head import usage_log_prior
-    from utils.checkpoint import unwrap
+    from utils.train.checkpoint import unwrap
     head = unwrap(model).boundary_head
     logits = torch.from_numpy(c.start_logits)
     cache: dict[str, torch.Tensor] = {}

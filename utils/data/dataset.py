@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from utils.annotations import load_annotations
-from utils.features import FeatureStore
+from utils.data.annotations import load_annotations
+from utils.data.store import FeatureStore
 
 TENSOR_KEYS = ("frame_feats", "frame_mask", "music_feats", "music_mask", "spans_target", "gt_moment")
 FLOAT_KEYS = ("m_duration", "v_duration")

@@ -39,14 +39,14 @@ RELOCATABLE_KEYS = frozenset({
 # (module, class) of the project's input errors: train.py/test.py print their message and
 # exit with status 2 instead of a traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (
-    ("utils.annotations", "AnnotationError"),
-    ("utils.features", "FeatureError"),
-    ("utils.checkpoint", "CheckpointError"),
+    ("utils.data.annotations", "AnnotationError"),
+    ("utils.data.features", "FeatureError"),
+    ("utils.train.checkpoint", "CheckpointError"),
     ("model.checkpoint_compat", "CheckpointMismatchError"),
     ("model.pretrained", "MissingWeightsError"),
-    ("utils.evaluate", "EvaluationError"),
-    ("utils.preflight", "RunDirError"),
-    ("utils.preflight", "ConfigError"),
+    ("utils.evaluate.offline", "EvaluationError"),
+    ("utils.train.preflight", "RunDirError"),
+    ("utils.train.preflight", "ConfigError"),
     ("utils.io", "OutputError"),
     ("utils.io", "UnsafeFileError"),
 )
@@ -169,7 +169,7 @@ def set_aside_previous_run(run_dir: Path) -> Path | None:
 # ------------------------------------------------------------------ settings
 def given_flags(argv: Sequence[str], mode: str = "train") -> set[str]:
     """Destinations of the flags written on the command line (not left at their defaults)."""
-    from utils.options import get_parser
+    from utils.train.options import get_parser
     parser = get_parser(mode)
     for action in parser._actions:  # argparse has no public way to ask "was this given?"
         action.default = argparse.SUPPRESS
@@ -207,7 +207,7 @@ def resume_settings(args: Any, saved: dict, given: set[str], source: str) -> lis
             + "\nA resumed run continues with its own settings: drop these flags (or start a new run "
             "with another --name to train with them).")
     if "frozen_feature_path" in given:  # the derived folders follow the new root
-        from utils.options import STRIDE_DIRS
+        from utils.train.options import STRIDE_DIRS
         args.music_frozen_feature_path = os.path.join(args.frozen_feature_path, STRIDE_DIRS[float(args.stride)])
         args.frame_frozen_feature_path = os.path.join(args.frozen_feature_path, "vit_feature1")
     return notes
@@ -226,8 +226,8 @@ def _same(a: Any, b: Any) -> bool:
 
 # ------------------------------------------------------------------ inputs
 def load_split(csv_path: str | os.PathLike, args: Any):
-    """A split's annotations, validated (utils.annotations; pandas only)."""
-    from utils.annotations import load_annotations
+    """A split's annotations, validated (utils.data.annotations; pandas only)."""
+    from utils.data.annotations import load_annotations
     return load_annotations(csv_path, max_m_duration=args.max_m_duration, skip_bad_rows=args.skip_bad_rows)
 
 

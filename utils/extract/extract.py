@@ -22,9 +22,9 @@ import torch
 
 from model.ast_encoder import ASTEncoder, load_ast
 from model.clip_encoder import CLIPImageEncoder, load_clip
-from utils.fbank import SAMPLE_RATE, ast_input
-from utils.features import MUSIC_DIRS, VIDEO_DIR, music_dir_for_stride, num_snippets_for
-from utils.media import decode_audio, decode_frames_1fps
+from utils.data.features import MUSIC_DIRS, VIDEO_DIR, music_dir_for_stride, num_snippets_for
+from utils.extract.fbank import SAMPLE_RATE, ast_input
+from utils.extract.media import decode_audio, decode_frames_1fps
 
 __all__ = ["load_clip", "load_ast", "extract_video_features", "extract_music_features", "music_windows",
            "music_dir_for_stride", "resolve_device", "MAX_V_FRAMES", "MAX_M_DURATION", "MUSIC_DIRS", "VIDEO_DIR"]
@@ -64,7 +64,7 @@ def extract_video_features(path: str | os.PathLike, clip_model: CLIPImageEncoder
     """CLIP embeddings of one frame per second -> (feat [max_frames, 512] float32, mask [max_frames] float32).
 
     `device` is accepted for API symmetry; computation runs where clip_model lives.
-    Raises utils.media.MediaError for unreadable files.
+    Raises utils.extract.media.MediaError for unreadable files.
     """
     frames, _ = decode_frames_1fps(path, max_frames)
     embeddings = clip_model.encode_images(frames, batch_size=batch_size)
@@ -87,7 +87,7 @@ def extract_music_features(path: str | os.PathLike, ast_model: ASTEncoder, strid
                            max_duration: float = MAX_M_DURATION) -> tuple[torch.Tensor, torch.Tensor]:
     """AST embeddings of windows every `stride` s -> (feat [int(240/stride), 768], mask [same]) float32.
 
-    The track is decoded to 16 kHz mono (first channel by default, see utils.media.decode_audio), its true
+    The track is decoded to 16 kHz mono (first channel by default, see utils.extract.media.decode_audio), its true
     duration D = samples / 16000 decides the mask (centre <= D), then it is zero-padded or cut to 240 s and
     each valid window goes through the Kaldi fbank + AST. `filter` keeps the authors' flag name (window
     length in seconds). `device` is accepted for API symmetry; computation runs where ast_model lives.

@@ -26,14 +26,24 @@ import pandas as pd
 import torch
 
 from model.pretrained import MissingWeightsError
-from utils.checkpoint import CheckpointError
-from utils.features import FeatureError, FeatureStore
-from utils.grounding import (GroundingError, QueryResult, TrackHit, check_index_matches, ground, load_model,
-                             open_index, plot_result)
-from utils.media import MediaError
-from utils.media_paths import index_source_csv, music_locator, video_locator
-from utils.render import DEFAULT_FADE, RenderError, RenderResult, check_moment, probe_video, render_preview, \
-    write_moment_clip
+from utils.data.features import FeatureError
+from utils.data.store import FeatureStore
+from utils.extract.media import MediaError
+from utils.extract.media_paths import index_source_csv, music_locator, video_locator
+from utils.ground.grounding import QueryResult, TrackHit, ground
+from utils.ground.library import check_index_matches, open_index
+from utils.ground.model import GroundingError, load_model
+from utils.ground.render import (
+    DEFAULT_FADE,
+    RenderError,
+    RenderResult,
+    check_moment,
+    probe_video,
+    render_preview,
+    write_moment_clip,
+)
+from utils.ground.report import plot_result
+from utils.train.checkpoint import CheckpointError
 
 # Bad input of every kind the page can meet; anything else is a bug and is logged as such.
 PAGE_ERRORS = (GroundingError, CheckpointError, FeatureError, MediaError, RenderError, MissingWeightsError,
@@ -56,7 +66,7 @@ class PageConfig:
     queries_csv: str | None = None       # CSV with video_id (+ music_id/music_start/music_end as ground truth)
     feature_root: str | None = None      # frozen CLIP features of those queries
     clip_weights: str | None = None      # for uploads; default model/pretrained_models/ViT-B-32.pt
-    music_dir: str | None = None         # tracks' audio (see utils.media_paths.music_locator)
+    music_dir: str | None = None         # tracks' audio (see utils.extract.media_paths.music_locator)
     video_dir: str | None = None         # the CSV queries' own videos, for previews (see query_video)
     out_dir: str = "app_out"
     topk: int = 5
@@ -227,7 +237,7 @@ class GroundingPage:
 
     def ground_upload(self, path: str | Path, progress: Progress = _no_progress) -> Shown:
         """A raw video: checked, then CLIP features extracted as ground.py --video does."""
-        from utils.extract import extract_video_features
+        from utils.extract.extract import extract_video_features
         path = Path(path)
         progress(0.05, "checking the video")
         probe_video(path)                  # an unreadable upload fails here, before CLIP is loaded

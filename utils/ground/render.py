@@ -24,8 +24,8 @@ from typing import IO, Callable, Sequence
 import av
 import numpy as np
 
+from utils.extract.media import MediaError, open_media
 from utils.io import atomic_open
-from utils.media import MediaError, open_media
 
 DEFAULT_FADE = 0.3          # seconds; long enough to hide the cut, short enough to keep the beat
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
@@ -103,7 +103,7 @@ def read_audio_moment(path: str | os.PathLike, start: float, seconds: float) -> 
     """Samples [channels, n] float32 of the track from `start` for `seconds` (fewer if the track ends
     first), at the track's own rate when AAC can carry it (else 48 kHz), mono or stereo as the source
     (more channels are mixed down to stereo). Positions count decoded samples from the file's first
-    one, as utils.media.decode_audio does for the features."""
+    one, as utils.extract.media.decode_audio does for the features."""
     if start < 0 or seconds <= 0:
         raise RenderError(f"audio cut {start:.2f} s + {seconds:.2f} s: start must be >= 0 and length > 0")
     container = open_media(path)
@@ -279,7 +279,7 @@ def pick_track(tracks: Sequence, music_id: str | None = None):
 
 def render_hit(hit, video: str | os.PathLike, out: str | os.PathLike, find_audio: Callable[[str], Path | None],
                fade: float = DEFAULT_FADE) -> RenderResult:
-    """Render `video` with the moment of a grounding hit (utils.grounding.TrackHit) as its soundtrack."""
+    """Render `video` with the moment of a grounding hit (utils.ground.grounding.TrackHit) as its soundtrack."""
     audio = find_audio(hit.music_id)
     if audio is None:
         raise RenderError(f"no audio file found for track {hit.music_id}: pass --music_dir (a folder with "

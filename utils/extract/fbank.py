@@ -22,15 +22,15 @@ from functools import lru_cache
 
 import torch
 
+from model.ast_encoder import AST_TARGET_LENGTH, NUM_MEL_BINS
+
 SAMPLE_RATE = 16000
-NUM_MEL_BINS = 128
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 PREEMPHASIS = 0.97
 LOW_FREQ = 20.0
 
 # Mean and std of the AudioSet fbank features used to train the AST checkpoint (audioset_0.4593.pth).
-AST_TARGET_LENGTH = 1024
 AST_MEAN = -4.2677393
 AST_STD = 4.5689974
 

@@ -1,7 +1,7 @@
 """Set-up shared by train.py and test.py: device, seeds, loaders, model and optimizer.
 
 Kept out of train.py so that the training loop there reads top to bottom. The checks that
-need no torch (run folder, CSVs, batch size, resumed settings) are in utils/preflight.py.
+need no torch (run folder, CSVs, batch size, resumed settings) are in utils/train/preflight.py.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from utils.distributed import DistInfo, ShardSampler, ddp_wrap, has_unused_parameters
 from utils.logger import get_logger
+from utils.train.distributed import DistInfo, ShardSampler, ddp_wrap, gather_with_grad, has_unused_parameters
+
 # RunDirError is re-exported for callers that imported it from here.
-from utils.preflight import ConfigError, RunDirError, check_batch_size, load_split  # noqa: F401
+from utils.train.preflight import ConfigError, RunDirError, check_batch_size, load_split  # noqa: F401
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,7 +106,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: 
     DistributedSampler with num_replicas=1 is a seeded, epoch-dependent shuffle, so data
     order is a function of (seed, epoch) alone: that is what makes resumed runs identical.
     """
-    from utils.dataset import collate_fn
+    from utils.data.dataset import collate_fn
     sampler = make_sampler(dataset, shuffle, seed, dist_info)
     workers = loader_workers(args, dataset, device)
     loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
@@ -116,8 +117,8 @@ def make_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: 
 
 def make_train_loader(dataset, batch_size: int, dist_info: DistInfo, device: torch.device, args: Any):
     """(loader, sampler) of the training split: make_loader's DataLoader, or with --feature_device
-    the same batches gathered from features held on a device (utils/resident.py)."""
-    from utils.resident import ResidentFeatures, ResidentLoader, choose_feature_device
+    the same batches gathered from features held on a device (utils/data/resident.py)."""
+    from utils.data.resident import ResidentFeatures, ResidentLoader, choose_feature_device
     feature_device = choose_feature_device(getattr(args, "feature_device", "auto"), dataset, device)
     if feature_device is None:
         return make_loader(dataset, batch_size, True, True, args.seed, dist_info, device, args)
@@ -130,9 +131,9 @@ def make_train_loader(dataset, batch_size: int, dist_info: DistInfo, device: tor
 
 def make_eval_loader(dataset, batch_size: int, dist_info: DistInfo, device: torch.device, args: Any):
     """Evaluation loader: the split in its own order; under torchrun each rank gets one contiguous
-    shard of equal length (utils.distributed.ShardSampler), which utils/engine.collect gathers
+    shard of equal length (utils.train.distributed.ShardSampler), which utils/evaluate/engine.collect gathers
     back into the whole split without the padding."""
-    from utils.dataset import collate_fn
+    from utils.data.dataset import collate_fn
     sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
     workers = loader_workers(args, dataset, device)
     return DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
@@ -141,11 +142,11 @@ def make_eval_loader(dataset, batch_size: int, dist_info: DistInfo, device: torc
 
 
 def build_datasets(args: Any, frames: list) -> list:
-    """MGSVDatasets for validated annotation DataFrames (utils.preflight.load_split), sharing
+    """MGSVDatasets for validated annotation DataFrames (utils.train.preflight.load_split), sharing
     one feature store (one music cache, one set of packed arrays). Every id's files must
-    exist; the first few are loaded and checked (utils.features explains the policy)."""
-    from utils.dataset import MGSVDataset
-    from utils.features import FeatureStore
+    exist; the first few are loaded and checked (utils.data.features explains the policy)."""
+    from utils.data.dataset import MGSVDataset
+    from utils.data.store import FeatureStore
     store = FeatureStore(args.frozen_feature_path, stride=args.stride, max_m_duration=args.max_m_duration,
                          num_frames=args.max_v_frames, use_packed=bool(args.use_packed))
     datasets = []
@@ -160,7 +161,7 @@ def build_loaders(args: Any, dist_info: DistInfo, device: torch.device, need_tra
     """(train_loader, val_loader or None, train_sampler) for train.py.
 
     train_df/val_df: the splits' annotations when the caller already loaded them
-    (utils.preflight.load_split); read from --train_csv/--val_csv otherwise.
+    (utils.train.preflight.load_split); read from --train_csv/--val_csv otherwise.
     """
     log = get_logger()
     if train_df is None:
@@ -184,7 +185,7 @@ def build_loaders(args: Any, dist_info: DistInfo, device: torch.device, need_tra
 def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_per_epoch: int):
     """Model, criterion, Adam over the original's three parameter groups, per-step schedule."""
     from model.made import build_criterion, build_model
-    from utils.schedules import build_scheduler
+    from utils.train.schedules import build_scheduler
     model = build_model(args).to(device)
     criterion = build_criterion(args).to(device)
     # fused: one kernel per step instead of ~10 ops per parameter tensor (same update to float
@@ -196,7 +197,9 @@ def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_p
     ddp_model = model
     if dist_info.enabled:
         # Retrieval negatives from the whole global batch (as on one GPU) unless --local_negatives 1.
-        model.global_negatives = not getattr(args, "local_negatives", 0)
+        if not args.local_negatives:
+            model.gather_negatives, model.negatives_rank = gather_with_grad, dist_info.rank
+            criterion.retrieval.gather = gather_with_grad
         # DDP copies rank 0's initial weights to every rank; gradients are averaged over ranks.
         ddp_model = ddp_wrap(model, device, dist_info.local_rank, has_unused_parameters(args))
         # Independent dropout masks per rank (the same seed everywhere would correlate them);

@@ -7,7 +7,7 @@
 
 With --prior_csv (a split whose usage of each track counts as known, normally the training CSV) the metrics are
 also reported on the videos whose track is seen / unseen there and on the moments on / off their track's
-canonical start (utils/track_prior.py); --metrics_json then gets them as "seen/mIoU", "unseen/n", ... beside the
+canonical start (utils/evaluate/track_prior.py); --metrics_json then gets them as "seen/mIoU", "unseen/n", ... beside the
 23 flat keys. --stats prints how the split's moments are placed (and, with --prior_csv, how strongly its tracks
 keep their canonical clip) instead of evaluating anything.
 
@@ -39,12 +39,27 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from utils.annotations import AnnotationError, load_annotations
+from utils.data.annotations import AnnotationError, load_annotations
+from utils.evaluate.metrics import (
+    MAX_M_DURATION,
+    compute_all,
+    format_table,
+    metrics_from_ranks,
+    ranked_music_ids,
+    ranks_from_ranked_lists,
+    smg_ious,
+)
+from utils.evaluate.track_prior import (
+    CanonicalClip,
+    canonical_clips,
+    dataset_stats,
+    format_stats,
+    subset_masks,
+    subset_metrics,
+    subset_table,
+    track_prior_starts,
+)
 from utils.io import OutputError, atomic_write_json, check_writable_file  # numpy only; torch stays unimported
-from utils.metrics import (MAX_M_DURATION, compute_all, format_table, metrics_from_ranks,
-                           ranked_music_ids, ranks_from_ranked_lists, smg_ious)
-from utils.track_prior import (CanonicalClip, canonical_clips, dataset_stats, format_stats, subset_masks,
-                               subset_metrics, subset_table, track_prior_starts)
 
 BASELINES: tuple[str, ...] = ("start0", "center", "random", "track_prior")
 PRED_KEYS: tuple[str, ...] = ("video_id", "ranked_music_ids", "pred_st", "pred_ed")
@@ -65,7 +80,7 @@ def candidate_music_ids(gt_df: pd.DataFrame) -> list[str]:
 
 def metrics_from_scores(scores: Any, column_music_ids: Sequence[str], gt_music_ids: Sequence[str], pred_se_sec: Any,
                         gt_se_sec: Any, m_duration: Any, max_m_duration: float = MAX_M_DURATION) -> dict[str, float]:
-    """Same as utils.metrics.compute_all (kept under this name so test.py and the CLI import from one module)."""
+    """Same as utils.evaluate.metrics.compute_all (kept under this name so test.py and the CLI import from one module)."""
     return compute_all(scores, column_music_ids, gt_music_ids, pred_se_sec, gt_se_sec, m_duration, max_m_duration)
 
 
@@ -230,7 +245,7 @@ def baseline_predictions(gt_df: pd.DataFrame, kind: str, seed: int = 0,
       start0: [0, L]  (many GT moments start at 0 s, so this is a strong grounding baseline);
       center: centred in the track (track length T capped at max_m_duration);
       random: uniform start in [0, max(T - L, 0)];
-      track_prior: at the track's canonical start in `clips` (utils.track_prior.canonical_clips of a prior
+      track_prior: at the track's canonical start in `clips` (utils.evaluate.track_prior.canonical_clips of a prior
         split), at 0 for a track not in `clips`. It reads no feature: it only knows how the track is used.
     A moment longer than the track is left to the evaluator's clipping.
     """
@@ -348,6 +363,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

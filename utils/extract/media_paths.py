@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from utils.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from utils.extract.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 
 
 def find_by_id(item_id: str, root: Path, extensions: Iterable[str]) -> Path | None:

@@ -1,6 +1,6 @@
 """Training features held on the training device (--feature_device).
 
-The DataLoader path (utils/runtime.make_loader) gathers every batch from the feature store
+The DataLoader path (utils/train/setup.make_loader) gathers every batch from the feature store
 on the host (a memory-mapped fancy-index for the packed store), pins it and copies it to
 the GPU: per batch of 512 that is ~200 MB (float32 features and masks) through the host,
 every step. When the split's features fit on the GPU, they can be copied there once
@@ -11,7 +11,7 @@ make_loader builds (seeded by --seed and the epoch; under torchrun each rank tak
 world_size-th index, as the DataLoader path does), cut into batches exactly like its
 BatchSampler. Only the order is computed on the host (a list of ints per epoch); it is
 copied to the device once per epoch, and each batch is a slice of it. The tensors are the
-store's own (validated when they are copied: utils/features.py checks every row it
+store's own (validated when they are copied: utils/data/features.py checks every row it
 returns), so a batch holds the same ids, in the same order, with the same values as the
 DataLoader's; `m_duration` and `v_duration` stay float64 as collate_fn makes them.
 
@@ -54,7 +54,7 @@ def choose_feature_device(requested: str, dataset: Any, device: torch.device) ->
         return torch.device("cpu")
     if requested == "cuda":
         if device.type != "cuda":
-            from utils.preflight import ConfigError
+            from utils.train.preflight import ConfigError
             raise ConfigError(f"--feature_device cuda needs training on CUDA (--device is {device}); "
                               "use --feature_device auto or cpu")
         return device

@@ -16,7 +16,7 @@ the process and are not inherited. (They also work over NFS, through its lock ma
 The file's content (pid, host, start time, command) only names the holder in the error
 a second process gets; it is never what decides.
 
-Torch-free, like utils.preflight: train.py probes the lock before importing torch.
+Torch-free, like utils.train.preflight: train.py probes the lock before importing torch.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from utils.io import OutputError
-from utils.preflight import RunDirError
+from utils.train.preflight import RunDirError
 
 LOCK_NAME = ".run.lock"
 
