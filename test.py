@@ -25,14 +25,8 @@ from utils.io import atomic_write_json, check_writable_file
 from utils.logger import setup_logger
 from utils.stopwatch import Stopwatch, process_seconds
 from utils.train import distributed as D
-from utils.train.checkpoint import (
-    LAST_NAME,
-    TEST_BEST_ORDER,
-    CheckpointError,
-    adopt_checkpoint_config,
-    load_checkpoint,
-    load_model_weights,
-)
+from utils.train.checkpoint import (LAST_NAME, TEST_BEST_ORDER, CheckpointError, adopt_checkpoint_config,
+                                    load_checkpoint, load_model_weights)
 from utils.train.options import MODEL_KEYS, parse_args
 from utils.train.preflight import evaluation_dir, prediction_identity, run_cli
 from utils.train.setup import make_eval_loader, resolve_device, seed_everything

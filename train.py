@@ -42,17 +42,8 @@ from utils.io import check_writable_dir
 from utils.logger import get_logger, setup_logger
 from utils.train import runlock
 from utils.train.options import parse_args
-from utils.train.preflight import (
-    RunDirError,
-    check_batch_size,
-    check_new_run_dir,
-    given_flags,
-    load_split,
-    new_run_dir,
-    resume_settings,
-    run_cli,
-    set_aside_previous_run,
-)
+from utils.train.preflight import (RunDirError, check_batch_size, check_new_run_dir, given_flags, load_split,
+                                   new_run_dir, resume_settings, run_cli, set_aside_previous_run)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -150,15 +141,8 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
     from utils.train import distributed as D
     from utils.train.checkpoint import BEST_NAMES, LAST_NAME, load_model_weights, save_checkpoint, unwrap
     from utils.train.loop import NonFiniteLossError, train_one_epoch
-    from utils.train.setup import (
-        build_loaders,
-        build_training,
-        capture_rng,
-        describe_run,
-        resolve_device,
-        restore_rng,
-        seed_everything,
-    )
+    from utils.train.setup import (build_loaders, build_training, capture_rng, describe_run, resolve_device,
+                                   restore_rng, seed_everything)
 
     device = resolve_device(args.device)
     dist_info = D.init_distributed(device.type)

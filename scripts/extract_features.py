@@ -55,17 +55,8 @@ from tqdm import tqdm  # noqa: E402
 from model.ast_encoder import AST_FILE_NAME, AST_SOURCE, DEFAULT_AST_WEIGHTS  # noqa: E402
 from model.clip_encoder import CLIP_FILE_NAME, CLIP_SOURCE, DEFAULT_CLIP_WEIGHTS  # noqa: E402
 from model.pretrained import MissingWeightsError, require_weights  # noqa: E402
-from utils.extract.extract import (
-    MAX_V_FRAMES,
-    MUSIC_DIRS,
-    VIDEO_DIR,
-    extract_music_features,
-    extract_video_features,
-    load_ast,  # noqa: E402
-    load_clip,
-    music_dir_for_stride,
-    resolve_device,
-)
+from utils.extract.extract import (MAX_V_FRAMES, MUSIC_DIRS, VIDEO_DIR, extract_music_features,  # noqa: E402
+                                   extract_video_features, load_ast, load_clip, music_dir_for_stride, resolve_device)
 from utils.extract.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS  # noqa: E402
 from utils.extract.media_paths import find_by_id, resolve_path  # noqa: E402
 from utils.io import atomic_torch_save, atomic_write_json  # noqa: E402

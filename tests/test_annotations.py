@@ -8,14 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils.data.annotations import (
-    COLUMNS,
-    REQUIRED_COLUMNS,
-    TIME_COLUMNS,
-    AnnotationError,
-    format_annotations_csv,
-    load_annotations,
-)
+from utils.data.annotations import (COLUMNS, REQUIRED_COLUMNS, TIME_COLUMNS, AnnotationError, format_annotations_csv,
+                                    load_annotations)
 
 GOOD_ROW = {
     "video_id": "113722188340", "music_id": "7+5x4mjjeiubm49fg", "video_start": "0.0",

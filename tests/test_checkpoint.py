@@ -15,24 +15,11 @@ import torch
 from cli_helpers import TINY_MODEL, start_cli
 
 from model.made import build_model
-from utils.train.checkpoint import (
-    LAST_NAME,
-    CheckpointError,
-    load_checkpoint,
-    load_model_weights,
-    load_resume_checkpoint,
-    resume_checkpoint_path,
-    save_checkpoint,
-)
+from utils.train.checkpoint import (LAST_NAME, CheckpointError, load_checkpoint, load_model_weights,
+                                    load_resume_checkpoint, resume_checkpoint_path, save_checkpoint)
 from utils.train.options import parse_args
-from utils.train.preflight import (
-    ConfigError,
-    RunDirError,
-    check_new_run_dir,
-    given_flags,
-    resume_settings,
-    set_aside_previous_run,
-)
+from utils.train.preflight import (ConfigError, RunDirError, check_new_run_dir, given_flags, resume_settings,
+                                   set_aside_previous_run)
 
 
 @pytest.fixture(scope="module")

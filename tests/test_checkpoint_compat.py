@@ -4,13 +4,8 @@ import re
 import pytest
 import torch
 
-from model.checkpoint_compat import (
-    CheckpointMismatchError,
-    from_authors_layout,
-    is_authors_layout,
-    load_state_dict_any,
-    to_authors_layout,
-)
+from model.checkpoint_compat import (CheckpointMismatchError, from_authors_layout, is_authors_layout,
+                                     load_state_dict_any, to_authors_layout)
 from model.made import build_model
 from utils.train.options import parse_args
 

@@ -13,16 +13,8 @@ import pytest
 
 from utils.data.annotations import COLUMNS, load_annotations
 from utils.evaluate.metrics import METRIC_KEYS
-from utils.evaluate.offline import (
-    BASELINES,
-    EvaluationError,
-    baseline_predictions,
-    candidate_music_ids,
-    evaluate_predictions,
-    main,
-    metrics_from_scores,
-    predictions_from_scores,
-)
+from utils.evaluate.offline import (BASELINES, EvaluationError, baseline_predictions, candidate_music_ids,
+                                    evaluate_predictions, main, metrics_from_scores, predictions_from_scores)
 from utils.evaluate.track_prior import canonical_clips
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,24 +12,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_script
-from media_helpers import (
-    ast_checkpoint,
-    ast_reference_forward,
-    openai_clip_state_dict,
-    save_torchscript,
-    second_colour,
-    write_video,
-    write_wav,
-)
+from media_helpers import (ast_checkpoint, ast_reference_forward, openai_clip_state_dict, save_torchscript,
+                           second_colour, write_video, write_wav)
 
 from model.ast_encoder import AST_FILE_NAME, ASTEncoder, build_ast, convert_ast_checkpoint, infer_ast_config, load_ast
-from model.clip_encoder import (
-    CLIP_FILE_NAME,
-    CLIPImageEncoder,
-    build_clip_vision,
-    convert_openai_clip,
-    infer_clip_config,
-)
+from model.clip_encoder import (CLIP_FILE_NAME, CLIPImageEncoder, build_clip_vision, convert_openai_clip,
+                                infer_clip_config)
 from model.pretrained import MissingWeightsError
 from utils.extract.extract import extract_music_features, extract_video_features, music_windows
 from utils.extract.fbank import ast_input

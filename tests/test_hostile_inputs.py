@@ -21,19 +21,8 @@ from typing import Callable
 import pandas as pd
 import pytest
 import torch
-from cli_helpers import (
-    CPU,
-    TINY_MODEL,
-    assert_clean_failure,
-    demo_paths,
-    linked_feature_root,
-    read_csv_text,
-    replace_file,
-    run_many,
-    subset_csv,
-    tiny_checkpoint,
-    train_args,
-)
+from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, linked_feature_root, read_csv_text,
+                         replace_file, run_many, subset_csv, tiny_checkpoint, train_args)
 
 TRAIN_ROWS, VAL_ROWS = 48, 20
 PARALLEL = 3  # processes at once

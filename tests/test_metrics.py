@@ -8,23 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from utils.evaluate.metrics import (
-    METRIC_KEYS,
-    clip_moments,
-    compute_all,
-    extra_metrics,
-    format_table,
-    gt_ranks,
-    metrics_from_ranks,
-    moment_iou,
-    moments_to_seconds,
-    mor_metrics,
-    msg_metrics,
-    ranked_music_ids,
-    ranks_from_ranked_lists,
-    smg_ious,
-    smg_metrics,
-)
+from utils.evaluate.metrics import (METRIC_KEYS, clip_moments, compute_all, extra_metrics, format_table, gt_ranks,
+                                    metrics_from_ranks, moment_iou, moments_to_seconds, mor_metrics, msg_metrics,
+                                    ranked_music_ids, ranks_from_ranked_lists, smg_ious, smg_metrics)
 
 
 # ------------------------------------------------------------------------------------------------ SmG

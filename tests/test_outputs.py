@@ -19,17 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import (
-    CPU,
-    TINY_MODEL,
-    assert_clean_failure,
-    demo_paths,
-    output,
-    run_many,
-    subset_csv,
-    tiny_checkpoint,
-    train_args,
-)
+from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, output, run_many, subset_csv,
+                         tiny_checkpoint, train_args)
 
 from utils.io import WriteError, atomic_write_json
 from utils.train.checkpoint import LAST_NAME, jsonable_config, save_checkpoint

@@ -103,16 +103,8 @@ def test_resident_features_hold_each_id_once(demo_data: Path) -> None:
 
 def test_training_with_resident_features_equals_the_dataloader_run(demo_data: Path, tmp_path: Path) -> None:
     """train.py end to end: --feature_device cpu trains the very same run (weights bit for bit)."""
-    from cli_helpers import (
-        comparable_history,
-        demo_paths,
-        only_run_dir,
-        output,
-        read_state,
-        run_cli,
-        subset_csv,
-        train_args,
-    )
+    from cli_helpers import (comparable_history, demo_paths, only_run_dir, output, read_state, run_cli, subset_csv,
+                             train_args)
 
     from utils.train.checkpoint import LAST_NAME, load_checkpoint
     demo = demo_paths(demo_data)

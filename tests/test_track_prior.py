@@ -16,14 +16,8 @@ from tests.conftest import REPO_ROOT, load_script
 from utils.data.annotations import load_annotations
 from utils.evaluate.metrics import METRIC_KEYS
 from utils.evaluate.offline import baseline_predictions, evaluate_predictions
-from utils.evaluate.track_prior import (
-    SUBSET_METRICS,
-    canonical_clips,
-    dataset_stats,
-    subset_masks,
-    subset_metrics,
-    track_prior_starts,
-)
+from utils.evaluate.track_prior import (SUBSET_METRICS, canonical_clips, dataset_stats, subset_masks, subset_metrics,
+                                        track_prior_starts)
 
 
 def _prior(rows: list[tuple[str, float]]) -> pd.DataFrame:

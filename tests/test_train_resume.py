@@ -14,22 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import (
-    assert_clean_failure,
-    comparable_history,
-    demo_paths,
-    linked_feature_root,
-    only_run_dir,
-    output,
-    read_csv_text,
-    read_state,
-    replace_file,
-    run_cli,
-    run_many,
-    start_cli,
-    subset_csv,
-    train_args,
-)
+from cli_helpers import (assert_clean_failure, comparable_history, demo_paths, linked_feature_root, only_run_dir,
+                         output, read_csv_text, read_state, replace_file, run_cli, run_many, start_cli, subset_csv,
+                         train_args)
 
 from utils.train.checkpoint import LAST_NAME
 from utils.train.preflight import RunDirError

@@ -13,17 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import (
-    CPU,
-    TINY_MODEL,
-    assert_clean_failure,
-    demo_paths,
-    linked_feature_root,
-    read_csv_text,
-    replace_file,
-    run_many,
-    subset_csv,
-)
+from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, linked_feature_root, read_csv_text,
+                         replace_file, run_many, subset_csv)
 from conftest import load_script
 
 from utils.train.checkpoint import LAST_NAME, CheckpointError, load_checkpoint, load_resume_checkpoint, save_checkpoint

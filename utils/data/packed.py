@@ -31,26 +31,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.data.features import (
-    FP16_MAX,
-    MAX_ABS_FEATURE,
-    PACK_FORMAT,
-    README_HINT,
-    FeatureError,
-    Modality,
-    list_ids,
-    listed,
-    load_pair,
-)
-from utils.io import (
-    atomic_open,
-    atomic_save_npy,
-    atomic_write_json,
-    file_digest,
-    manifest_digest,
-    npy_header,
-    stat_record,
-)
+from utils.data.features import (FP16_MAX, MAX_ABS_FEATURE, PACK_FORMAT, README_HINT, FeatureError, Modality, list_ids,
+                                 listed, load_pair)
+from utils.io import (atomic_open, atomic_save_npy, atomic_write_json, file_digest, manifest_digest, npy_header,
+                      stat_record)
 
 
 class PackedSource:

@@ -9,18 +9,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from utils.data.features import (
-    README_HINT,
-    FeatureError,
-    Modality,
-    PerIdSource,
-    UnavailableSource,
-    listed,
-    music_modality,
-    num_snippets_for,
-    unique_in_order,
-    video_modality,
-)
+from utils.data.features import (README_HINT, FeatureError, Modality, PerIdSource, UnavailableSource, listed,
+                                 music_modality, num_snippets_for, unique_in_order, video_modality)
 from utils.data.packed import PackedSource, open_packed
 
 # --------------------------------------------------------------------------------------------

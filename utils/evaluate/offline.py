@@ -7,9 +7,9 @@
 
 With --prior_csv (a split whose usage of each track counts as known, normally the training CSV) the metrics are
 also reported on the videos whose track is seen / unseen there and on the moments on / off their track's
-canonical start (utils/evaluate/track_prior.py); --metrics_json then gets them as "seen/mIoU", "unseen/n", ... beside the
-23 flat keys. --stats prints how the split's moments are placed (and, with --prior_csv, how strongly its tracks
-keep their canonical clip) instead of evaluating anything.
+canonical start (utils/evaluate/track_prior.py); --metrics_json then gets them as "seen/mIoU", "unseen/n", ...
+beside the 23 flat keys. --stats prints how the split's moments are placed (and, with --prior_csv, how strongly its
+tracks keep their canonical clip) instead of evaluating anything.
 
 preds.json is a list with one object per video of the CSV:
     {"video_id": "112712471153",                  # str (an integer is accepted and converted)
@@ -40,25 +40,10 @@ import numpy as np
 import pandas as pd
 
 from utils.data.annotations import AnnotationError, load_annotations
-from utils.evaluate.metrics import (
-    MAX_M_DURATION,
-    compute_all,
-    format_table,
-    metrics_from_ranks,
-    ranked_music_ids,
-    ranks_from_ranked_lists,
-    smg_ious,
-)
-from utils.evaluate.track_prior import (
-    CanonicalClip,
-    canonical_clips,
-    dataset_stats,
-    format_stats,
-    subset_masks,
-    subset_metrics,
-    subset_table,
-    track_prior_starts,
-)
+from utils.evaluate.metrics import (MAX_M_DURATION, compute_all, format_table, metrics_from_ranks, ranked_music_ids,
+                                    ranks_from_ranked_lists, smg_ious)
+from utils.evaluate.track_prior import (CanonicalClip, canonical_clips, dataset_stats, format_stats, subset_masks,
+                                        subset_metrics, subset_table, track_prior_starts)
 from utils.io import OutputError, atomic_write_json, check_writable_file  # numpy only; torch stays unimported
 
 BASELINES: tuple[str, ...] = ("start0", "center", "random", "track_prior")
@@ -80,7 +65,8 @@ def candidate_music_ids(gt_df: pd.DataFrame) -> list[str]:
 
 def metrics_from_scores(scores: Any, column_music_ids: Sequence[str], gt_music_ids: Sequence[str], pred_se_sec: Any,
                         gt_se_sec: Any, m_duration: Any, max_m_duration: float = MAX_M_DURATION) -> dict[str, float]:
-    """Same as utils.evaluate.metrics.compute_all (kept under this name so test.py and the CLI import from one module)."""
+    """Same as utils.evaluate.metrics.compute_all (kept under this name so test.py and the CLI import from one
+    module)."""
     return compute_all(scores, column_music_ids, gt_music_ids, pred_se_sec, gt_se_sec, m_duration, max_m_duration)
 
 

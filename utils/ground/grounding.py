@@ -12,17 +12,8 @@ import torch
 from utils.evaluate.metrics import moment_iou
 from utils.ground.library import MusicLibrary
 from utils.ground.model import GroundingError, GroundingModel
-from utils.ground.search import (
-    AUTO_SHORTLIST_ABOVE,
-    AUTO_SHORTLIST_K,
-    detect_pairs,
-    exhaustive_scores,
-    top_by_score,
-    two_stage_scores,
-)
-
-# --------------------------------------------------------------------------------------------
-# Grounding queries
+from utils.ground.search import (AUTO_SHORTLIST_ABOVE, AUTO_SHORTLIST_K, detect_pairs, exhaustive_scores, top_by_score,
+                                 two_stage_scores)
 
 
 @dataclass

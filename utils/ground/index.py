@@ -46,24 +46,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.ground.library import (
-    GRAM_FILE,
-    HEAD_KEYS_FILE,
-    INDEX_FORMAT,
-    KEYS_FILE,
-    MANIFEST,
-    STORE_DTYPES,
-    TOKENS_FILE,
-    USAGE,
-    TrackStore,
-    file_records,
-    keys_for_storage,
-    open_raw,
-)
+from utils.ground.library import (GRAM_FILE, HEAD_KEYS_FILE, INDEX_FORMAT, KEYS_FILE, MANIFEST, STORE_DTYPES,
+                                  TOKENS_FILE, USAGE, TrackStore, file_records, keys_for_storage, open_raw)
 from utils.ground.model import GroundingError, GroundingModel
 from utils.ground.queries import FP16_MAX, read_music_ids
 from utils.io import atomic_save_npy, atomic_write_json, manifest_digest
 from utils.train.checkpoint import jsonable_config
+
+INDEX_GROUP = 1024   # tracks per index_music call while building (a multiple of the block size 16)
 
 
 class _Appender:
@@ -91,14 +81,6 @@ class _Appender:
         self.f.close()
         return {"file": self.path.name, "dtype": np.dtype(self.dtype).name,
                 "shape": [self.rows, *(self.row_shape or ())]}
-
-
-
-
-
-
-
-
 
 
 def _check_padding_zero(tokens: torch.Tensor, mask: torch.Tensor) -> None:
@@ -315,4 +297,3 @@ def read_usage(prior_csv: str | os.PathLike, max_m_duration: float = 240.0) -> d
         return canonical_clips(load_annotations(prior_csv, max_m_duration))
     except AnnotationError as e:
         raise GroundingError(f"--prior_csv: {e}") from None
-INDEX_GROUP = 1024   # tracks per index_music call while building (a multiple of the block size 16)

@@ -19,6 +19,8 @@ INDEX_FORMAT = "mgsv-music-index/2"  # 2: content digests and stats of every fil
 MANIFEST = "manifest.json"
 USAGE = "usage.json"
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
 # --------------------------------------------------------------------------------------------
 # Storage of model.index_music's result (model/xpool.py MusicIndex).
 #
@@ -34,6 +36,7 @@ STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 KEYS_FILE, GRAM_FILE, TOKENS_FILE = "xpool_keys.bin", "xpool_gram.bin", "tokens.bin"
 HEAD_KEYS_FILE = "head_keys.bin"   # the boundary head's music keys (model/boundary_head.py), same rows as tokens
 BLOCK_COLUMNS = ("first", "count", "length", "key_start", "gram_start")  # per row of blocks.npy
+
 
 # --------------------------------------------------------------------------------------------
 # Opening an index

@@ -16,10 +16,6 @@ class GroundingError(ValueError):
     """Unusable input to the grounding tools: bad feature file, missing id, mismatched index."""
 
 
-# --------------------------------------------------------------------------------------------
-# Model
-
-
 @dataclass
 class GroundingModel:
     """A MaDe in eval mode with the configuration it was trained with and a weights fingerprint."""

@@ -33,15 +33,8 @@ from utils.extract.media_paths import index_source_csv, music_locator, video_loc
 from utils.ground.grounding import QueryResult, TrackHit, ground
 from utils.ground.library import check_index_matches, open_index
 from utils.ground.model import GroundingError, load_model
-from utils.ground.render import (
-    DEFAULT_FADE,
-    RenderError,
-    RenderResult,
-    check_moment,
-    probe_video,
-    render_preview,
-    write_moment_clip,
-)
+from utils.ground.render import (DEFAULT_FADE, RenderError, RenderResult, check_moment, probe_video, render_preview,
+                                 write_moment_clip)
 from utils.ground.report import plot_result
 from utils.train.checkpoint import CheckpointError
 

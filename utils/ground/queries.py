@@ -17,9 +17,6 @@ from utils.io import describe_load_failure, torch_load_plain
 
 FP16_MAX = 65504.0
 
-# --------------------------------------------------------------------------------------------
-# Inputs: music id lists and video features
-
 
 def read_music_ids(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], dict[str, float]]:
     """Track ids (distinct, in first-occurrence order) and any known durations.

@@ -11,9 +11,6 @@ import numpy as np
 from utils.ground.grounding import GroundTruth, QueryResult
 from utils.io import atomic_open
 
-# --------------------------------------------------------------------------------------------
-# Output: table and picture
-
 
 def format_results(results: Sequence[QueryResult]) -> str:
     """Human-readable table, one block per query."""

@@ -6,8 +6,8 @@ product; faiss IndexFlatIP when installed, same exact result) and then re-scores
 tracks with the same score function as the exhaustive path. Default (shortlist=None):
 exhaustive up to AUTO_SHORTLIST_ABOVE tracks, K = AUTO_SHORTLIST_K above; shortlist=0 forces
 exhaustive. The dual cosine is a good proxy because it is one of the two summed terms and the
-X-Pool term pools the same snippet tokens; `scripts/benchmark.py --sections grounding` measures how often it keeps the
-exhaustive top-1/top-10.
+X-Pool term pools the same snippet tokens; `scripts/benchmark.py --sections grounding`
+measures how often it keeps the exhaustive top-1/top-10.
 """
 from __future__ import annotations
 
@@ -21,12 +21,15 @@ from utils.evaluate.metrics import clip_moments
 from utils.ground.library import MusicLibrary, block_ranges, keys_from_storage, masked_offset, to_tensor
 from utils.ground.model import GroundingError, GroundingModel
 
-# Measured with `scripts/benchmark.py --sections grounding` (1 CPU thread, float16 index): one exhaustive query costs
-# ~0.05 ms of CPU per track (20k: ~1 s, 100k: ~5 s); a K=1000 shortlist ~0.15-0.25 s at any size and
-# kept the exhaustive top-10 of every benchmark query (K=100: top-1 always, top-10 set 93 % at 100k).
+# Measured with `scripts/benchmark.py --sections grounding` (1 CPU thread, float16 index): one
+# exhaustive query costs ~0.05 ms of CPU per track (20k: ~1 s, 100k: ~5 s); a K=1000 shortlist
+# ~0.15-0.25 s at any size and kept the exhaustive top-10 of every benchmark query (K=100: top-1
+# always, top-10 set 93 % at 100k).
 AUTO_SHORTLIST_ABOVE = 20_000
 AUTO_SHORTLIST_K = 1000
 DETECT_CHUNK = 256       # (video, track) pairs per detector call
+
+
 # --------------------------------------------------------------------------------------------
 # Scoring
 
