@@ -7,8 +7,8 @@
 Defaults reproduce the authors' training script (scripts/train_kuai_all_feature.sh):
 Adam with three parameter groups, warmup-cosine schedule stepped per iteration,
 per-group gradient clipping, validation every epoch, four "best" checkpoints
-and the original early-stopping rule. See README, "Differences from the
-original code", for what we changed and why.
+and the original early-stopping rule. See model/DIFFERENCES.md
+for what we changed and why.
 
 Reliability:
   * Bad flags, CSVs, feature files and run folders are reported (exit status 2) before

@@ -41,7 +41,7 @@ several runs. Sections:
             index build time/size, single-query latency p50/p95 exhaustive vs two-stage, and how
             often the two-stage top-1/top-10 equals the exhaustive one.
 
-Prints a markdown table per section (for the README) and writes everything as JSON (--json).
+Prints a markdown table per section (for docs/performance.md) and writes everything as JSON (--json).
 The machine (CPU model, cores, torch version and threads, load average) is part of the output:
 on a shared machine, compare numbers only from the same run.
 """

@@ -12,8 +12,7 @@ Each on all videos and on the moments that start after --late seconds, where the
 Then: the share of detector moments that start within 2 s, and how far the detector's centre
 moves when each video is paired with another video's track (near 0: it does not read the
 music). An X-Pool readout that localises while the detector does not means the alignment has
-been learnt by the matching branch but not (yet) by the detector; the README's demo section
-reports this for the demo model. Flags are test.py's; exit status 2 with one paragraph on bad
+been learnt by the matching branch but not (yet) by the detector. Flags are test.py's; exit status 2 with one paragraph on bad
 input.
 """
 from __future__ import annotations

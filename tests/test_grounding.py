@@ -27,23 +27,12 @@ from utils.ground.queries import load_video, prepare_video, read_music_ids
 from utils.ground.search import exhaustive_scores, select_tracks, top_by_score, two_stage_scores
 from utils.train.checkpoint import save_checkpoint
 
-# The README's example, verbatim (tests/test_grounding.py::test_readme_example runs it).
-README_EXAMPLE = '''\
-from utils.ground.index import build_index
-from utils.ground.grounding import ground
-from utils.ground.model import load_model
-from utils.ground.queries import load_video
-from utils.ground.library import open_index
-from utils.ground.report import plot_result
-gm = load_model("runs/demo/pytorch_model.bin.best_r1")                     # weights + their config
-build_index(gm, "demo/dataset/MGSV-EC/test_data.csv", "demo/features/Kuai_feature", "music.index")
-library = open_index("music.index", gm)                  # refuses an index built with other weights
-feat, mask = load_video("clip.pt")                       # CLIP frames [<=50, 512]; mask = non-zero rows
-result = ground(gm, library, feat, mask, topk=5)[0]      # best tracks first, each with its moment
-for t in result.tracks:
-    print(f"{t.music_id}  score {t.score:.3f}  {t.start:.1f}-{t.end:.1f} s  conf {t.confidence:.2f}")
-plot_result(result, "result.png")
-'''
+def docs_example() -> str:
+    """The Python example of docs/grounding.md, read from the page itself so that the two cannot drift."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "grounding.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in page.split("```python\n")[1:]]
+    (example,) = [b for b in blocks if "from utils.ground import" in b]
+    return example
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -312,7 +301,7 @@ def test_plot(setup: dict, tmp_path: Path) -> None:
     assert blue > 500 and red > 50
 
 
-def test_readme_example(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_docs_example(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                         capsys: pytest.CaptureFixture) -> None:
     demo = setup["csv"].parents[2]
     (tmp_path / "demo").mkdir()
@@ -323,7 +312,7 @@ def test_readme_example(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyP
     vid = setup["csv"].read_text().splitlines()[1].split(",")[0]
     os.symlink(setup["features"] / "vit_feature1/vit_feature" / f"{vid}.pt", tmp_path / "clip.pt")
     monkeypatch.chdir(tmp_path)
-    exec(compile(README_EXAMPLE, "README example", "exec"), {})
+    exec(compile(docs_example(), "docs/grounding.md example", "exec"), {})
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and all(" s  conf " in ln for ln in lines)
     assert (tmp_path / "result.png").stat().st_size > 10_000

@@ -5,7 +5,7 @@
 torchrun exports RANK / WORLD_SIZE / LOCAL_RANK; their presence is what
 switches distributed mode on. Backend: nccl on CUDA, gloo on CPU.
 
-What runs where (see also README, "Multi-GPU / multi-node"):
+What runs where (see also docs/distributed.md):
   * training: DistributedSampler (set_epoch every epoch) gives each rank
     batch_size_train / world_size rows; the retrieval loss sees the GLOBAL batch
     through `gather_with_grad` (model/made.py), so --batch_size_train means the
