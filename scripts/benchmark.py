@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# The authors' code, as measured for issue 5 (same 2-core CPU): for the tables' context.
+# The authors' code, as measured on the same 2-core CPU: for the tables' context.
 AUTHORS = {"train_b64_samples_s": 22.5, "msg_2000_s_pooling": 43.0, "msg_2000_peak_gb": 17.7}
 NAIVE_MEMORY_FRACTION = 0.6   # run the naive all-pairs scoring only if its estimate fits in this much RAM
 

@@ -4,7 +4,7 @@
         [--clip_weights model/pretrained_models/ViT-B-32.pt] [--ast_weights model/pretrained_models/audioset_0.4593.pth]
         [--stride 2.5] [--filter 10] [--device auto] [--batch_size 32]
 
-Output (what train.py / test.py / ground.py read, reference §1.3):
+Output (what train.py / test.py / ground.py read, the authors' folder layout):
     OUT/vit_feature1/vit_feature/<video_id>.pt   [50,512] float32    OUT/vit_feature1/vit_mask/<video_id>.pt  [50]
     OUT/ast_feature2p5/ast_feature/<music_id>.pt [96,768] float32    OUT/ast_feature2p5/ast_mask/<music_id>.pt [96]
 (the music folder follows --stride: 2.5 -> ast_feature2p5, 5 -> ast_feature5, 7.5 -> ast_feature7p5, 10 -> ast_feature10)

@@ -21,8 +21,8 @@ How the signal is built (so that a model has to use both modalities):
     lets a model find it (and what X-Pool's video-guided pooling is for).
   * Music snippet k (window centre 2.5k s, 10 s window, clipped to the track) is an
     "AST-like" 768-d vector: a shared mean + the window average of z_j mapped by a fixed
-    random matrix W_m (D -> 768) + noise. mask_k = 1 iff centre <= duration (reference
-    1.4). Padded windows hold a constant "silence" vector, as real files hold the AST
+    random matrix W_m (D -> 768) + noise. mask_k = 1 iff centre <= duration (as the
+    authors' features). Padded windows hold a constant "silence" vector, as real files hold the AST
     output for zero audio; the loader zeroes them.
   * A video of duration d, paired with moment [s, s + d] of track j, has one frame per
     second (floor(video_end) + 1 frames, at most 50). Frame i is "CLIP-like": a shared
@@ -403,7 +403,7 @@ def video_features(rng: np.random.Generator, df: pd.DataFrame, tracks: Tracks, p
 
 def music_features(rng: np.random.Generator, tracks: Tracks, proj: Projections, stride: float,
                    cfg: DemoConfig, window: float = 10.0, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """AST-like snippets [M, Lm, 768] float32 and masks [M, Lm] (reference section 1.4)."""
+    """AST-like snippets [M, Lm, 768] float32 and masks [M, Lm], windows as the authors' extractor."""
     lm = num_snippets_for(stride, cfg.max_m_duration)
     centre = stride * np.arange(lm)                                          # [Lm]
     offsets = np.linspace(-window / 2, window / 2, 21)                       # 0.5 s grid

@@ -1,6 +1,6 @@
 """MGSV-EC dataset over pre-extracted features: one item per CSV row (query video).
 
-Item (dict), following the original loader (reference 1.2 and 1.5):
+Item (dict), following the original loader (dataloaders/dataloader_MGSV_EC_feature.py):
     frame_feats  float32 [Lv, 512]   video frames, padded rows zeroed
     frame_mask   float32 [Lv]
     music_feats  float32 [Lm, 768]   snippets of the ground-truth track

@@ -1,4 +1,4 @@
-"""Raw media -> the feature tensors the model consumes (reference §6), as a small Python API.
+"""Raw media -> the feature tensors the model consumes (CLIP frames, AST windows), as a small Python API.
 
 Used by scripts/extract_features.py (batch extraction into the official folder layout) and by
 scripts/ground.py (one video / one track on the fly):
@@ -42,7 +42,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def music_windows(duration: float, stride: float, filter_s: float,
                   max_duration: float = MAX_M_DURATION) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Window centres, [start, end) sample indices and validity mask of a track (reference §1.4 / §6.2).
+    """Window centres, [start, end) sample indices and validity mask of a track (dataloader_MGSV_EC_rawdata.py).
 
     Centres are stride * k for k < int(max_duration / stride); window k covers
     [max(0, c - filter/2), min(max_duration, c + filter/2)] (padding 0) and is valid iff c <= duration.

@@ -58,7 +58,7 @@ def decode_frames_1fps(path: str | os.PathLike, max_frames: int = 50) -> tuple[l
     Slot i holds the last decoded frame whose presentation time is <= i (the first frame if the stream starts
     late). The number of slots is min(max_frames, floor(D) + 1) where D is the end time of the last frame,
     so a 12.4 s clip gives 13 frames (t = 0..12). For a clip of exactly 12.0 s the slot t = 12 shows the final
-    frame, mirroring the authors' frame dumps ("<i>.jpg" plus "end.jpg", reference §6.1).
+    frame, mirroring the authors' frame dumps ("<i>.jpg" plus "end.jpg").
 
     Returns (frames as PIL images, duration D in seconds). Frames are decoded sequentially and only the
     selected ones are converted, so memory stays small for long clips.
