@@ -88,7 +88,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.data.annotations import COLUMNS, format_annotations_csv  # noqa: E402
-from utils.data.features import MUSIC_DIM, VIDEO_DIM, VIDEO_DIR, music_dir_for_stride, num_snippets_for  # noqa: E402
+from utils.data.constants import MAX_M_DURATION, VIDEO_DIR  # noqa: E402
+from utils.data.features import MUSIC_DIM, VIDEO_DIM, music_dir_for_stride, num_snippets_for  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 MARKER = "demo_data.json"
@@ -109,7 +110,7 @@ class DemoConfig:
     test_size: int = 200
     seed: int = 0
     strides: list[float] = field(default_factory=lambda: [2.5])
-    max_m_duration: float = 240.0
+    max_m_duration: float = MAX_M_DURATION
     num_frames: int = 50
     latent_dim: int = 32
     num_waves: int = 8              # sinusoids per track in s_j(t)

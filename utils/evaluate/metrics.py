@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-MAX_M_DURATION = 240.0
+from utils.data.constants import MAX_M_DURATION
 
 METRIC_KEYS: list[str] = [
     "R1", "R3", "R5", "R10", "R20", "R25", "R50", "R100", "MedianR", "MeanR", "MRR",

@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 
 from utils.data.annotations import AnnotationError, load_annotations
+from utils.data.constants import MAX_M_DURATION
 from utils.evaluate.metrics import (
-    MAX_M_DURATION,
     compute_all,
     format_table,
     metrics_from_ranks,

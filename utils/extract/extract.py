@@ -22,7 +22,8 @@ import torch
 
 from model.ast_encoder import ASTEncoder, load_ast
 from model.clip_encoder import CLIPImageEncoder, load_clip
-from utils.data.features import MUSIC_DIRS, VIDEO_DIR, music_dir_for_stride, num_snippets_for
+from utils.data.constants import MAX_M_DURATION, MUSIC_DIRS, VIDEO_DIR
+from utils.data.features import music_dir_for_stride, num_snippets_for
 from utils.extract.fbank import SAMPLE_RATE, ast_input
 from utils.extract.media import decode_audio, decode_frames_1fps
 
@@ -30,7 +31,6 @@ __all__ = ["load_clip", "load_ast", "extract_video_features", "extract_music_fea
            "music_dir_for_stride", "resolve_device", "MAX_V_FRAMES", "MAX_M_DURATION", "MUSIC_DIRS", "VIDEO_DIR"]
 
 MAX_V_FRAMES = 50
-MAX_M_DURATION = 240.0
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.data.constants import MAX_M_DURATION
 from utils.train.checkpoint import adopt_checkpoint_config, load_checkpoint, load_model_weights, unwrap
 
 
@@ -36,7 +37,7 @@ class GroundingModel:
 
     @property
     def max_m_duration(self) -> float:
-        return float(getattr(self.args, "max_m_duration", 240.0))
+        return float(getattr(self.args, "max_m_duration", MAX_M_DURATION))
 
     @property
     def stride(self) -> float:
