@@ -64,10 +64,10 @@ from utils.extract.extract import (
     load_ast,  # noqa: E402
     load_clip,
     music_dir_for_stride,
-    resolve_device,
 )
 from utils.extract.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS  # noqa: E402
 from utils.extract.media_paths import find_by_id, resolve_path  # noqa: E402
+from utils.device import DeviceError, resolve_device  # noqa: E402
 from utils.io import atomic_torch_save, atomic_write_json  # noqa: E402
 
 
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         jobs = _make_jobs(args, out, resolve_device(args.device))
-    except (InputError, pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (InputError, DeviceError, pd.errors.ParserError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

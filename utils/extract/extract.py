@@ -28,16 +28,9 @@ from utils.extract.fbank import SAMPLE_RATE, ast_input
 from utils.extract.media import decode_audio, decode_frames_1fps
 
 __all__ = ["load_clip", "load_ast", "extract_video_features", "extract_music_features", "music_windows",
-           "music_dir_for_stride", "resolve_device", "MAX_V_FRAMES", "MAX_M_DURATION", "MUSIC_DIRS", "VIDEO_DIR"]
+           "music_dir_for_stride", "MAX_V_FRAMES", "MAX_M_DURATION", "MUSIC_DIRS", "VIDEO_DIR"]
 
 MAX_V_FRAMES = 50
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; anything else is passed to torch.device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def music_windows(duration: float, stride: float, filter_s: float,

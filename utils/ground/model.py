@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.data.constants import MAX_M_DURATION
+from utils.device import resolve_device
 from utils.train.checkpoint import adopt_checkpoint_config, load_checkpoint, load_model_weights, unwrap
 
 
@@ -57,11 +58,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    from utils.train.setup import resolve_device as _resolve
-    return name if isinstance(name, torch.device) else _resolve(str(name))
 
 
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> GroundingModel:

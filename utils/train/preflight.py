@@ -47,6 +47,7 @@ USER_ERRORS = (
     ("utils.evaluate.offline", "EvaluationError"),
     ("utils.train.preflight", "RunDirError"),
     ("utils.train.preflight", "ConfigError"),
+    ("utils.device", "DeviceError"),
     ("utils.io", "OutputError"),
     ("utils.io", "UnsafeFileError"),
 )
