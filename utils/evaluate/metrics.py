@@ -85,7 +85,8 @@ def moments_to_seconds(pred_cw: Any, max_m_duration: float = MAX_M_DURATION) -> 
     """(center, width) normalised by 240 s -> (start, end) in seconds: ((c - w/2)*240, (c + w/2)*240).
 
     The detector predicts spans relative to the global 240 s constant (as the original's dataloader normalises
-    its targets), not to the track length.
+    its targets), not to the track length. The numpy twin of model.spans.spans_to_seconds (this module imports
+    no torch), in float64; the torch path is what test.py uses.
     """
     cw = _as_se("pred_cw", pred_cw)
     c, w = cw[:, 0], cw[:, 1]
