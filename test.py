@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from utils.evaluate.engine import evaluate, per_video_predictions
 from utils.evaluate.metrics import METRIC_KEYS, format_table
 from utils.io import atomic_write_json, check_writable_file
@@ -29,7 +27,7 @@ from utils.train.checkpoint import (LAST_NAME, TEST_BEST_ORDER, CheckpointError,
                                     load_checkpoint, load_model_weights)
 from utils.train.options import MODEL_KEYS, parse_args
 from utils.train.preflight import evaluation_dir, prediction_identity, run_cli
-from utils.train.setup import make_eval_loader, resolve_device, seed_everything
+from utils.train.setup import make_eval_loader, setup_process
 
 
 def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
@@ -118,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.evaluate.track_prior import canonical_clips, subset_masks, subset_metrics, subset_table, track_starts
 
     args = parse_args(argv, mode="test")
-    device = resolve_device(args.device)
-    dist_info = D.init_distributed(device.type)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
+    device, dist_info = setup_process(args)
     ckpt_root = Path(args.load_uni_model_path)
     paths = checkpoints_to_test(ckpt_root, args.test_best)  # before the log folder is made beside them
     # Outputs are checked before the evaluation, not found unwritable after it.
@@ -130,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         check_writable_file(out, "--metrics_json")
     log = setup_logger(log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-uni-{args.name}-{args.test_data}_test.log",
                        is_main=dist_info.is_main)
-    seed_everything(args.seed)
 
     # The dataset depends on settings a checkpoint may carry (stride, max_m_duration, max_v_frames),
     # so it is built after each checkpoint's settings are adopted, and rebuilt only when they change.

@@ -141,16 +141,11 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
     from utils.train import distributed as D
     from utils.train.checkpoint import BEST_NAMES, LAST_NAME, load_model_weights, save_checkpoint, unwrap
     from utils.train.loop import NonFiniteLossError, train_one_epoch
-    from utils.train.setup import (build_loaders, build_training, capture_rng, describe_run, resolve_device,
-                                   restore_rng, seed_everything)
+    from utils.train.setup import build_loaders, build_training, capture_rng, describe_run, restore_rng, setup_process
 
-    device = resolve_device(args.device)
-    dist_info = D.init_distributed(device.type)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
+    device, dist_info = setup_process(args)
     # Rank 0 decides the folder (its date) and tells the others.
     run_dir = Path(D.broadcast_object(str(run_dir) if dist_info.is_main else None))
-    seed_everything(args.seed)
 
     train_loader, val_loader, train_sampler = build_loaders(args, dist_info, device, train_df=train_df, val_df=val_df)
     model, criterion, optimizer, scheduler, ddp_model = build_training(args, device, dist_info,

@@ -4,7 +4,7 @@ AST (Gong et al., 2021) is a DeiT-base-distilled-384 backbone whose patch embedd
 128-mel x 1024-frame fbank with 16x16 patches at stride 10 in both axes (overlapping patches): 12 x 101 = 1212
 patches, plus the class and distillation tokens -> a learned position embedding of [1, 1214, 768]. The authors
 use the mean of the two special tokens after the final LayerNorm (before AST's ``mlp_head``) as the 768-d
-window embedding (reference §6.2).
+window embedding (their model/ast_models.py).
 
 timm's ``deit_base_distilled_patch16_384`` provides the network; the only change is the strided patch
 embedding, supplied through timm's ``embed_layer`` hook so the position embedding gets its 1214 rows from

@@ -1,4 +1,4 @@
-"""State dicts in the authors' key layout (reference section 9) <-> ours.
+"""State dicts in the authors' key layout (their whole Uni_model, model/model_Uni.py) <-> ours.
 
 Our modules reuse the authors' submodule structure, so conversion is a handful of prefix
 renames plus:

@@ -1,6 +1,6 @@
 """OpenAI CLIP image tower (ViT-B/32) built with timm, loading OpenAI's own checkpoint file.
 
-The authors used ``clip.load("ViT-B/32").encode_image`` (reference §6.1): pre-norm ViT with QuickGELU,
+The authors used ``clip.load("ViT-B/32").encode_image`` (model_Base.py): pre-norm ViT with QuickGELU,
 LayerNorm eps 1e-5, no bias in the patch convolution, ``ln_post`` on the class token and the projection
 ``x @ visual.proj`` to 512-d (the output is NOT L2-normalised). timm's ``vit_base_patch32_clip_quickgelu_224``
 is exactly this network, with the projection as a bias-free ``head`` Linear, and timm ships the key conversion

@@ -1,4 +1,4 @@
-"""Per-modality temporal encoders (reference section 2.1).
+"""Per-modality temporal encoders (the authors' Transformer_enhancement, model/model_Base.py).
 
 frames [B, 50, 512] (CLIP) or snippets [B, 96, 768] (AST)
   -> Linear to d -> + sinusoid table -> temporal self-attention layer(s) -> Linear(d, d)

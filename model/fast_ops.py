@@ -1,4 +1,4 @@
-"""Exact fast paths for the training step and inference (issue 5).
+"""Exact fast paths for the training step and inference.
 
 Each function here computes what the straightforward code computes (nn.MultiheadAttention
 over padded sequences, the per-layer criterion loop), up to float rounding; the
@@ -52,7 +52,7 @@ PACK_TOKENS = "auto"   # "auto" | "always" | "never"
 
 @contextlib.contextmanager
 def reference_paths() -> Iterator[None]:
-    """Run the straightforward (reference) implementation inside this block."""
+    """Run the straightforward implementation (no fast path) inside this block."""
     global FAST_PATHS
     saved, FAST_PATHS = FAST_PATHS, False
     try:

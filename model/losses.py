@@ -1,4 +1,4 @@
-"""Training losses (reference section 3).
+"""Training losses (the authors' modules/loss.py and music_detr/loss_detr.py).
 
     loss = ret_loss_weight * L_ret + loc_loss_weight * L_loc
     L_ret: symmetric InfoNCE over in-batch similarities, per --vmr_loss
@@ -78,7 +78,7 @@ def same_music_mask(music_ids: list[str], device: torch.device, all_codes: Tenso
 
 
 class RetrievalLoss(nn.Module):
-    """L_ret for every working --vmr_loss (reference 2.3)."""
+    """L_ret for every working --vmr_loss (as model_Uni.py forms it)."""
 
     def __init__(self, vmr_loss: str = "dual_single_loss_fuse", weight: float = 1.0,
                  mask_same_music: bool = False):

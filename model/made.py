@@ -1,4 +1,4 @@
-"""MaDe: music grounding by short video (reference section 2), top to bottom.
+"""MaDe: music grounding by short video (the authors' model/model_Uni.py), top to bottom.
 
     frames  --video_encoder-->  v [B, d] (global), Fv [B, 50, d] (frame tokens)
     snippets --music_encoder--> m [B, d] (global), Sm [B, 96, d] (snippet tokens)
@@ -28,7 +28,7 @@ from .losses import build_criterion  # noqa: F401  (re-exported: train.py/test.p
 from .position import sine_positions_1d
 from .xpool import MusicIndex, XPool, build_music_index, score_against_index, single_similarity
 
-# vmr_loss -> how the test-time retrieval score is formed (reference section 2.3).
+# vmr_loss -> how the test-time retrieval score is formed (as in the authors' model/model_Uni.py).
 SCORE_MODES = {
     "dual": "dual",
     "single": "single",
@@ -95,7 +95,7 @@ class MaDeConfig:
             detr_nheads=args.detr_nheads, detr_ffn=args.detr_dim_feedforward,
             detr_dropout=args.detr_dropout, enc_layers=args.detr_enc_layers, dec_layers=args.detr_dec_layers,
             pre_norm=bool(args.detr_pre_norm),
-            # The original never passes --decoder_SA to the decoder layers (reference 7.1).
+            # The original never passes --decoder_SA to its decoder layers (music_detr/transformer.py).
             decoder_self_attn=not (args.decoder_SA_fix and not args.decoder_SA),
             aux_loss=bool(args.aux_loss), contrastive_align=bool(args.contrastive_align_loss),
             contrastive_dim=args.contrastive_dim, separate_positions=bool(args.separate_positions),
@@ -173,7 +173,7 @@ class MaDe(nn.Module):
         return {"dual": dual, "single": single}
 
     def retrieval_score(self, sims: dict) -> Tensor:
-        """Test-time score from retrieval_similarities' output, per --vmr_loss (reference 2.3)."""
+        """Test-time score from retrieval_similarities' output, per --vmr_loss (see SCORE_MODES)."""
         mode = SCORE_MODES[self.cfg.vmr_loss]
         if mode == "dual":
             return sims["dual"]
@@ -219,7 +219,7 @@ class MaDe(nn.Module):
         if cfg.separate_positions:
             pos = torch.cat([sine_positions_1d(frame_mask, cfg.d_model),
                              sine_positions_1d(music_mask, cfg.d_model)], dim=1)
-        else:  # original: one position axis over the concatenated mask (reference 2.4)
+        else:  # original: one position axis over the concatenated mask (model_Uni.py)
             pos = sine_positions_1d(mask, cfg.d_model)
         pos = pos.to(src.dtype)
         batch = src.shape[0]
@@ -325,7 +325,7 @@ class MaDe(nn.Module):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, args: argparse.Namespace) -> list[dict]:
-        """The original's three Adam groups: temporal, matching, detection (reference 4).
+        """The original's three Adam groups: temporal, matching, detection (train-MaDe.py).
 
         decoder_query_embed is in no group (never updated) unless --train_query_pos 1.
         """

@@ -1,4 +1,4 @@
-"""Hungarian matching of predicted moments to ground-truth moments (reference section 3.2).
+"""Hungarian matching of predicted moments to ground-truth moments (the authors' music_detr/matcher.py).
 
 cost(query, target) = 10 * L1(center/width) - 1 * gIoU(start/end) - 4 * p(foreground).
 With one query and one target the assignment is trivially (0, 0) and the solver is

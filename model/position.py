@@ -1,6 +1,7 @@
 """Positional encodings.
 
-Two different sine encodings are used by MaDe (reference sections 2.1 and 2.4):
+Two different sine encodings are used by MaDe (the authors' model/model_Base.py and
+music_detr/position_encoding.py):
   * SinusoidalPositionalEncoding: the classic absolute table added to the projected
     frames / snippets before the temporal self-attention layer (position = row index).
   * sine_positions_1d: DETR's normalised 1-D sine embedding computed from a padding

@@ -72,6 +72,5 @@ def top_moment(detection: dict, fg_index: int) -> tuple[torch.Tensor, torch.Tens
 
 def spans_to_seconds(span_cw: torch.Tensor, max_m_duration: float) -> torch.Tensor:
     """Normalised (center, width) -> (start, end) in seconds, unclipped."""
-    center, width = span_cw[:, 0], span_cw[:, 1]
-    return torch.stack([center - width / 2, center + width / 2], dim=1) * max_m_duration
+    return span_cw_to_se(span_cw) * max_m_duration
 

@@ -1,4 +1,4 @@
-"""DETR encoder/decoder for moment detection (reference section 2.5).
+"""DETR encoder/decoder for moment detection (the authors' music_detr/transformer.py).
 
 Post-norm by default (detr_pre_norm 0), ReLU FFN, built on nn.MultiheadAttention with
 batch-first tensors. Submodule names follow DETR / the authors' checkpoints

@@ -1,4 +1,5 @@
-"""Video-guided music pooling (X-Pool, reference section 2.2) and exact all-pairs scoring.
+"""Video-guided music pooling (X-Pool; the authors' Transformer_XA, modules/transformer.py) and exact
+all-pairs scoring.
 
 XPool turns the snippet tokens of every track j into one embedding P[j, i] per video i:
     q_i = Wq LN1(v_i) + bq,  K_jl = Wk LN1(S_jl) + bk,  U_jl = Wv LN1(S_jl) + bv

@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# The authors' code, as measured for issue 5 (same 2-core CPU): for the tables' context.
+# The authors' code, as measured on the same 2-core CPU: for the tables' context.
 AUTHORS = {"train_b64_samples_s": 22.5, "msg_2000_s_pooling": 43.0, "msg_2000_peak_gb": 17.7}
 NAIVE_MEMORY_FRACTION = 0.6   # run the naive all-pairs scoring only if its estimate fits in this much RAM
 
@@ -186,6 +186,14 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def add_cuda_peak(row: dict, device: torch.device) -> None:
+    """row["cuda_max_allocated_gb"]: the CUDA memory peak since the last reset, which starts the next row's
+    count; nothing on the CPU."""
+    if device.type == "cuda":
+        row["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def default_args(extra: list[str] | None = None):
     from utils.train.options import parse_args
     return parse_args(["--name", "benchmark"] + (extra or []), mode="train")
@@ -256,9 +264,7 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
             row = {"batch": b, "path": "reference" if reference else "fast", "step_s": round(med, 3),
                    "samples_per_s": round(b / med, 1), "steps": [round(t, 3) for t in times],
                    "load_average": [round(x, 2) for x in os.getloadavg()]}
-            if device.type == "cuda":
-                row["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                torch.cuda.reset_peak_memory_stats(device)
+            add_cuda_peak(row, device)
             log(f"[train] {row}")
             rows.append(row)
             del model, criterion, optimizer
@@ -618,9 +624,7 @@ def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, featu
                "paper_100_epochs_h_projected": round(PAPER_EPOCHS * (PAPER_TRAIN_ROWS / train_rate + val_paper) / 3600,
                                                      2),
                "load_average": [round(x, 2) for x in os.getloadavg()]}
-        if device.type == "cuda":
-            row["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            torch.cuda.reset_peak_memory_stats(device)
+        add_cuda_peak(row, device)
         log(f"[epoch] {row}")
         rows.append(row)
         del model, criterion, optimizer, train_loader, val_loader

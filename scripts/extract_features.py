@@ -4,7 +4,7 @@
         [--clip_weights model/pretrained_models/ViT-B-32.pt] [--ast_weights model/pretrained_models/audioset_0.4593.pth]
         [--stride 2.5] [--filter 10] [--device auto] [--batch_size 32]
 
-Output (what train.py / test.py / ground.py read, reference §1.3):
+Output (what train.py / test.py / ground.py read, the authors' folder layout):
     OUT/vit_feature1/vit_feature/<video_id>.pt   [50,512] float32    OUT/vit_feature1/vit_mask/<video_id>.pt  [50]
     OUT/ast_feature2p5/ast_feature/<music_id>.pt [96,768] float32    OUT/ast_feature2p5/ast_mask/<music_id>.pt [96]
 (the music folder follows --stride: 2.5 -> ast_feature2p5, 5 -> ast_feature5, 7.5 -> ast_feature7p5, 10 -> ast_feature10)
@@ -56,9 +56,10 @@ from model.ast_encoder import AST_FILE_NAME, AST_SOURCE, DEFAULT_AST_WEIGHTS  # 
 from model.clip_encoder import CLIP_FILE_NAME, CLIP_SOURCE, DEFAULT_CLIP_WEIGHTS  # noqa: E402
 from model.pretrained import MissingWeightsError, require_weights  # noqa: E402
 from utils.extract.extract import (MAX_V_FRAMES, MUSIC_DIRS, VIDEO_DIR, extract_music_features,  # noqa: E402
-                                   extract_video_features, load_ast, load_clip, music_dir_for_stride, resolve_device)
+                                   extract_video_features, load_ast, load_clip, music_dir_for_stride)
 from utils.extract.media import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS  # noqa: E402
 from utils.extract.media_paths import find_by_id, resolve_path  # noqa: E402
+from utils.device import DeviceError, resolve_device  # noqa: E402
 from utils.io import atomic_torch_save, atomic_write_json  # noqa: E402
 
 
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         jobs = _make_jobs(args, out, resolve_device(args.device))
-    except (InputError, pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (InputError, DeviceError, pd.errors.ParserError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -96,9 +96,9 @@ def load_queries(args: argparse.Namespace, num_frames: int):
 def extract_query(args: argparse.Namespace, num_frames: int):
     """CLIP features of a raw video, exactly as scripts/extract_features.py writes them."""
     from model.clip_encoder import load_clip
+    from utils.device import resolve_device
     from utils.extract.extract import extract_video_features
     from utils.ground.queries import Queries
-    from utils.train.setup import resolve_device
     path = Path(args.video)
     if not path.is_file():
         raise FileNotFoundError(f"--video {path}: no such file")

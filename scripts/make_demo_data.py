@@ -21,8 +21,8 @@ How the signal is built (so that a model has to use both modalities):
     lets a model find it (and what X-Pool's video-guided pooling is for).
   * Music snippet k (window centre 2.5k s, 10 s window, clipped to the track) is an
     "AST-like" 768-d vector: a shared mean + the window average of z_j mapped by a fixed
-    random matrix W_m (D -> 768) + noise. mask_k = 1 iff centre <= duration (reference
-    1.4). Padded windows hold a constant "silence" vector, as real files hold the AST
+    random matrix W_m (D -> 768) + noise. mask_k = 1 iff centre <= duration (as the
+    authors' features). Padded windows hold a constant "silence" vector, as real files hold the AST
     output for zero audio; the loader zeroes them.
   * A video of duration d, paired with moment [s, s + d] of track j, has one frame per
     second (floor(video_end) + 1 frames, at most 50). Frame i is "CLIP-like": a shared
@@ -88,7 +88,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.data.annotations import COLUMNS, format_annotations_csv  # noqa: E402
-from utils.data.features import MUSIC_DIM, VIDEO_DIM, VIDEO_DIR, music_dir_for_stride, num_snippets_for  # noqa: E402
+from utils.data.constants import MAX_M_DURATION, VIDEO_DIR  # noqa: E402
+from utils.data.features import MUSIC_DIM, VIDEO_DIM, music_dir_for_stride, num_snippets_for  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 MARKER = "demo_data.json"
@@ -109,7 +110,7 @@ class DemoConfig:
     test_size: int = 200
     seed: int = 0
     strides: list[float] = field(default_factory=lambda: [2.5])
-    max_m_duration: float = 240.0
+    max_m_duration: float = MAX_M_DURATION
     num_frames: int = 50
     latent_dim: int = 32
     num_waves: int = 8              # sinusoids per track in s_j(t)
@@ -403,7 +404,7 @@ def video_features(rng: np.random.Generator, df: pd.DataFrame, tracks: Tracks, p
 
 def music_features(rng: np.random.Generator, tracks: Tracks, proj: Projections, stride: float,
                    cfg: DemoConfig, window: float = 10.0, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """AST-like snippets [M, Lm, 768] float32 and masks [M, Lm] (reference section 1.4)."""
+    """AST-like snippets [M, Lm, 768] float32 and masks [M, Lm], windows as the authors' extractor."""
     lm = num_snippets_for(stride, cfg.max_m_duration)
     centre = stride * np.arange(lm)                                          # [Lm]
     offsets = np.linspace(-window / 2, window / 2, 21)                       # 0.5 s grid

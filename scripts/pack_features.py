@@ -30,13 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils.data.constants import MAX_M_DURATION  # noqa: E402
 from utils.data.features import FeatureError, Modality, music_modality, video_modality
 from utils.data.packed import inspect_packed, open_packed, pack_modality, rebuild_command  # noqa: E402
 from utils.io import OutputError, WriteError, check_writable_dir  # noqa: E402
 
 
 def pack(root: str | Path, stride: float = 2.5, fp16: bool = False,
-         modalities: tuple[str, ...] = ("video", "music"), max_m_duration: float = 240.0, num_frames: int = 50, force: bool = False,
+         modalities: tuple[str, ...] = ("video", "music"), max_m_duration: float = MAX_M_DURATION, num_frames: int = 50, force: bool = False,
          progress: bool = True) -> dict[str, dict]:
     """Pack the requested modalities of `root`; return {modality: manifest}."""
     targets: dict[str, Modality] = {}
@@ -84,7 +85,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen_feature_path", required=True,
                    help="feature root holding vit_feature1/ and ast_feature*/ (e.g. features/Kuai_feature)")
     p.add_argument("--stride", type=float, default=2.5, help="music window hop: selects ast_feature<stride>/")
-    p.add_argument("--max_m_duration", type=float, default=240.0)
+    p.add_argument("--max_m_duration", type=float, default=MAX_M_DURATION)
     p.add_argument("--max_v_frames", type=int, default=50, help="frames per video file")
     p.add_argument("--fp16", action="store_true", help="store features as float16 (half the size)")
     p.add_argument("--modality", choices=["both", "video", "music"], default="both")

@@ -80,7 +80,7 @@ def test_checkpoint_loads_in_test_py_and_ground_py(demo_data: Path, tmp_path: Pa
     metrics = json.loads(metrics_json.read_text())
     assert 0.0 <= metrics["mIoU"] <= 1.0 and "unseen/mIoU" in metrics
     (pred_file,) = tmp_path.glob("*-test/uni_test_*.json")
-    reference = {r["video_id"]: r for r in json.loads(pred_file.read_text())}
+    by_video = {r["video_id"]: r for r in json.loads(pred_file.read_text())}
     index, out = tmp_path / "index", tmp_path / "g.json"
     assert load_script("build_music_index").run(
         ["--load_uni_model_path", str(ckpt), "--frozen_feature_path", str(features),
@@ -89,9 +89,9 @@ def test_checkpoint_loads_in_test_py_and_ground_py(demo_data: Path, tmp_path: Pa
         ["--load_uni_model_path", str(ckpt), "--index", str(index), "--video_feature", str(root / "test_data.csv"),
          "--frozen_feature_path", str(features), "--topk", "3", "--out", str(out), "--quiet"]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == len(reference)
+    assert len(rows) == len(by_video)
     for row in rows[:10]:
-        ref = reference[row["video_id"]]
+        ref = by_video[row["video_id"]]
         assert row["tracks"][0]["music_id"] == ref["topk_music_ids"][0]
         # ground.py takes the video length from its frames (it has no CSV times), test.py from the CSV:
         # same start, ends within a second.

@@ -1,9 +1,8 @@
 """Checkpoint files: atomic writes under crashes, clear errors for unusable files, resume look-up,
-and the run-folder rules (issue 6, points 1, 2 and 5)."""
+and the run-folder rules."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import signal
 import textwrap

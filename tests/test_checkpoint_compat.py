@@ -12,7 +12,7 @@ from utils.train.options import parse_args
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# The trainable keys (plus buffers) of the authors' checkpoints, reference section 9.
+# The trainable keys (plus buffers) of the authors' checkpoints (their Uni_model's state_dict).
 AUTHORS_KEY_PATTERNS = [
     r"vit_proj\.(weight|bias)", r"ast_proj\.(weight|bias)",
     r"(video|audio)_transformer\.layers\.0\.[02]\.(weight|bias)",

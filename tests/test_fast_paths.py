@@ -1,4 +1,4 @@
-"""Every fast path of issue 5 computes what the straightforward code computes (to 1e-5).
+"""Every fast path of model/fast_ops.py computes what the straightforward code computes (to 1e-5).
 
 The straightforward code is nn.MultiheadAttention over padded sequences, scipy's
 assignment and the per-layer criterion loop; model.fast_ops.reference_paths() switches the

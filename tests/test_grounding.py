@@ -1,4 +1,4 @@
-"""Grounding tools (issue 8): ground.py agrees with test.py (top-1 of the MsG ranking, SmG moment on
+"""Grounding tools: ground.py agrees with test.py (top-1 of the MsG ranking, SmG moment on
 the ground-truth track), two-stage scores are the exhaustive ones, float16 indexes stay finite, bad
 input exits 2 with one line, the index refuses other weights, the plot is drawn, and the README's
 ten lines run as written.
@@ -90,10 +90,10 @@ def ground_rows(setup: dict) -> list[dict]:
 
 
 def test_matches_test_py(test_py_rows: list[dict], ground_rows: list[dict]) -> None:
-    reference = {r["video_id"]: r for r in test_py_rows}
-    assert len(reference) == 40 and len(ground_rows) == 12
+    by_video = {r["video_id"]: r for r in test_py_rows}
+    assert len(by_video) == 40 and len(ground_rows) == 12
     for got in ground_rows:
-        ref = reference[got["video_id"]]
+        ref = by_video[got["video_id"]]
         assert got["tracks"][0]["music_id"] == ref["topk_music_ids"][0]            # MsG top-1
         assert [t["music_id"] for t in got["tracks"]] == ref["topk_music_ids"][:3]
         np.testing.assert_allclose([t["score"] for t in got["tracks"]], ref["topk_scores"][:3], atol=2e-6)

@@ -1,4 +1,4 @@
-"""Bad inputs through `python train.py` / `python test.py`, as a user meets them (issue 6, point 4).
+"""Bad inputs through `python train.py` / `python test.py`, as a user meets them.
 
 Every case must end with exit status 2, a message that says what is wrong, where (file,
 line, flag) and what to do, and no Python traceback. The loaders' own unit tests
@@ -313,7 +313,7 @@ def all_runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input(all_runs: dict, name: str) -> None:
     case, proc = all_runs[name]
-    text = assert_clean_failure(proc, case.status, *case.phrases)
+    assert_clean_failure(proc, case.status, *case.phrases)
     if case.extra_check is not None:
         case.extra_check(proc.stderr)
     if case.no_output_dir is not None:

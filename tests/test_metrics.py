@@ -1,4 +1,4 @@
-"""Pin the benchmark metric definitions (reference section 5) on hand-computed cases and against a brute-force
+"""Pin the benchmark metric definitions (utils/evaluate/metrics.py) on hand-computed cases and against a brute-force
 re-statement of the original's de-duplicating rank walk."""
 from __future__ import annotations
 

@@ -259,16 +259,16 @@ def test_bf16_autocast_forward_and_exact_scoring():
     model, criterion = build_model(args).eval(), build_criterion(args)
     batch = make_batch(4, 6, 10)
     with torch.no_grad():
-        reference = model(batch)
+        fp32 = model(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(batch)
             loss, _ = criterion(out, batch)
-            index = model.index_music(reference["music_emb"], reference["snippet_tokens"], batch["music_mask"])
-            scores = model.score_videos(reference["video_emb"], index)
+            index = model.index_music(fp32["music_emb"], fp32["snippet_tokens"], batch["music_mask"])
+            scores = model.score_videos(fp32["video_emb"], index)
     assert torch.isfinite(loss)
     assert scores.dtype == torch.float32
-    exact = model.retrieval_score(model.retrieval_similarities(reference["video_emb"], reference["music_emb"],
-                                                               reference["snippet_tokens"], batch["music_mask"]))
+    exact = model.retrieval_score(model.retrieval_similarities(fp32["video_emb"], fp32["music_emb"],
+                                                               fp32["snippet_tokens"], batch["music_mask"]))
     assert (scores - exact).abs().max() < 1e-5
 
 

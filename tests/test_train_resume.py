@@ -1,4 +1,4 @@
-"""Reliability of training runs (issue 6): SIGKILL + --resume gives the uninterrupted run bit for
+"""Reliability of training runs: SIGKILL + --resume gives the uninterrupted run bit for
 bit, the seed fixes everything, a NaN loss stops the run without touching its checkpoints,
 and run folders are never overwritten or deleted unless asked.
 
@@ -62,26 +62,27 @@ def runs(data: dict) -> dict:
     """The uninterrupted run, and the same run killed with SIGKILL in the middle of epoch 2 then
     resumed with --resume (the first two run side by side)."""
     killed_out, log = data["root"] / "killed", data["root"] / "killed.out"
-    reference_log = data["root"] / "reference.out"
+    uninterrupted_log = data["root"] / "uninterrupted.out"
     killed = start_cli("train.py", _args(data, killed_out), log)
-    reference = start_cli("train.py", _args(data, data["root"] / "reference"), reference_log)
+    uninterrupted = start_cli("train.py", _args(data, data["root"] / "uninterrupted"), uninterrupted_log)
     try:
         run_dir = _kill_in_epoch_2(killed, killed_out, log)
-        reference.join(300)
+        uninterrupted.join(300)
     finally:
-        if reference.is_alive():
-            reference.kill()
-    assert reference.exitcode == 0, reference_log.read_text()[-3000:] + Path(f"{reference_log}.err").read_text()
+        if uninterrupted.is_alive():
+            uninterrupted.kill()
+    assert uninterrupted.exitcode == 0, (uninterrupted_log.read_text()[-3000:]
+                                         + Path(f"{uninterrupted_log}.err").read_text())
     state_at_kill = read_state(run_dir)
     resume = run_cli("train.py", ["--resume", run_dir, "--device", "cpu", *WORKERS])
     assert resume.returncode == 0, output(resume)[-3000:]
-    return {"reference": only_run_dir(data["root"] / "reference"), "resumed": run_dir,
+    return {"uninterrupted": only_run_dir(data["root"] / "uninterrupted"), "resumed": run_dir,
             "state_at_kill": state_at_kill, "resume_output": output(resume)}
 
 
 @pytest.fixture(scope="module")
-def reference(runs: dict) -> Path:
-    return runs["reference"]
+def uninterrupted(runs: dict) -> Path:
+    return runs["uninterrupted"]
 
 
 def _kill_in_epoch_2(proc, out: Path, log: Path) -> Path:
@@ -112,15 +113,15 @@ def _wait_for_epoch_2(proc, out: Path, log: Path, timeout: float = 300) -> Path:
 
 
 def test_sigkill_then_resume_equals_uninterrupted(runs: dict) -> None:
-    reference, resumed = runs["reference"], runs["resumed"]
+    uninterrupted, resumed = runs["uninterrupted"], runs["resumed"]
     assert runs["state_at_kill"]["epoch"] == 1           # killed in epoch 2, before it was saved
     assert (resumed / LOCK_NAME).is_file()               # the killed run's lock file did not block --resume
     assert "resumed from epoch 1" in runs["resume_output"]
-    ref, got = read_state(reference), read_state(resumed)
+    ref, got = read_state(uninterrupted), read_state(resumed)
     assert got["finished"] and ref["finished"] and got["epoch"] == ref["epoch"] == EPOCHS
     assert got["bests"] == ref["bests"] and got["best_epochs"] == ref["best_epochs"]
     assert comparable_history(got) == comparable_history(ref)   # every loss and metric, exactly
-    ref_ckpts, got_ckpts = _checkpoints(reference), _checkpoints(resumed)
+    ref_ckpts, got_ckpts = _checkpoints(uninterrupted), _checkpoints(resumed)
     assert ref_ckpts.keys() == got_ckpts.keys() and LAST_NAME in ref_ckpts
     for name in ref_ckpts:
         assert got_ckpts[name]["epoch"] == ref_ckpts[name]["epoch"], name
@@ -130,9 +131,9 @@ def test_sigkill_then_resume_equals_uninterrupted(runs: dict) -> None:
         _assert_tensors_equal(ref_ckpts[LAST_NAME]["resume"][key], got_ckpts[LAST_NAME]["resume"][key], key)
 
 
-def test_resume_of_a_finished_run_changes_nothing(reference: Path, data: dict) -> None:
+def test_resume_of_a_finished_run_changes_nothing(uninterrupted: Path, data: dict) -> None:
     run = data["root"] / "finished_copy"
-    shutil.copytree(reference, run)
+    shutil.copytree(uninterrupted, run)
     before = {p.name: p.read_bytes() for p in run.glob("pytorch_model.bin*")}
     proc = run_cli("train.py", ["--resume", run, "--device", "cpu", "--num_workers", "0"])
     assert proc.returncode == 0, output(proc)[-3000:]
@@ -175,21 +176,21 @@ def test_seed_fixes_initialisation_dropout_and_data_order(data: dict) -> None:
 
 
 # ------------------------------------------------------------------ run folders
-def test_finished_run_is_not_overwritten(reference: Path, data: dict) -> None:
+def test_finished_run_is_not_overwritten(uninterrupted: Path, data: dict) -> None:
     out = data["root"] / "refuse"
-    target = out / reference.parent.name / time.strftime("%m%d+MaDe")
-    shutil.copytree(reference, target)
+    target = out / uninterrupted.parent.name / time.strftime("%m%d+MaDe")
+    shutil.copytree(uninterrupted, target)
     before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
     proc = run_cli("train.py", _args(data, out))
     assert_clean_failure(proc, 2, f"{target} already holds a run", f"--resume {target}", "--overwrite")
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
 
 
-def test_overwrite_sets_the_old_run_aside(reference: Path, data: dict) -> None:
+def test_overwrite_sets_the_old_run_aside(uninterrupted: Path, data: dict) -> None:
     """--overwrite trains again (here with another seed) and moves, never deletes, the old files."""
     out = data["root"] / "overwrite"
-    target = out / reference.parent.name / time.strftime("%m%d+MaDe")
-    shutil.copytree(reference, target)
+    target = out / uninterrupted.parent.name / time.strftime("%m%d+MaDe")
+    shutil.copytree(uninterrupted, target)
     (target / "my_notes.txt").write_text("keep me")
     old = {p.name: p.read_bytes() for p in target.glob("pytorch_model.bin*")}
     args = train_args(data["train"], data["val"], data["features"], out, 1, "--overwrite", "--seed", "8")
@@ -200,11 +201,11 @@ def test_overwrite_sets_the_old_run_aside(reference: Path, data: dict) -> None:
     assert (target / "my_notes.txt").read_text() == "keep me"
     new = read_state(target)
     assert new["epoch"] == 1 and len(new["history"]) == 1
-    # Another seed, another run: its first epoch differs from the reference's.
-    assert comparable_history(new)[0] != comparable_history(read_state(reference))[0]
+    # Another seed, another run: its first epoch differs from the uninterrupted run's.
+    assert comparable_history(new)[0] != comparable_history(read_state(uninterrupted))[0]
 
 
-def test_sigkill_then_a_new_run_with_overwrite(reference: Path, data: dict) -> None:
+def test_sigkill_then_a_new_run_with_overwrite(uninterrupted: Path, data: dict) -> None:
     """A run killed (SIGKILL) in epoch 2 leaves its lock file, a checkpoint and a log behind. A new run
     (not --resume) with --overwrite must start on that folder without anyone cleaning up: it is the
     uninterrupted run exactly, and the killed run's files are set aside, not mixed in or deleted."""
@@ -218,15 +219,15 @@ def test_sigkill_then_a_new_run_with_overwrite(reference: Path, data: dict) -> N
     proc = run_cli("train.py", _args(data, out, "--overwrite"))
     assert proc.returncode == 0, output(proc)[-3000:]
     assert only_run_dir(out) == run_dir
-    assert comparable_history(read_state(run_dir)) == comparable_history(read_state(reference))
+    assert comparable_history(read_state(run_dir)) == comparable_history(read_state(uninterrupted))
     assert read_state(run_dir)["finished"]
     (aside,) = run_dir.glob("replaced-*")
     assert {p.name: p.read_bytes() for p in aside.glob("pytorch_model.bin*")} == killed_files
     assert read_state(aside)["epoch"] == 1 and len(list(aside.glob("*_train.log"))) == 1
 
 
-def test_resume_with_conflicting_flags(reference: Path) -> None:
-    proc = run_cli("train.py", ["--resume", reference, "--seed", "8", "--dim_input", "64", "--device", "cpu"])
+def test_resume_with_conflicting_flags(uninterrupted: Path) -> None:
+    proc = run_cli("train.py", ["--resume", uninterrupted, "--seed", "8", "--dim_input", "64", "--device", "cpu"])
     assert_clean_failure(proc, 2, "these flags differ from the settings the run was trained with",
                          "--seed 8 (the run used 7)", "--dim_input 64 (the run used 32)")
 
@@ -237,12 +238,12 @@ def test_resume_of_nothing(data: dict) -> None:
 
 
 # ------------------------------------------------------------------ features that overflow the model
-def test_overflowing_features_are_named_and_keep_the_checkpoints(reference: Path, data: dict) -> None:
+def test_overflowing_features_are_named_and_keep_the_checkpoints(uninterrupted: Path, data: dict) -> None:
     """A training video whose features are finite but huge (a broken extractor) would overflow the
     model to NaN and surface as a NaN loss naming no file. It is refused when read, in the epoch
     after the saved ones: exit 2, one line naming the file, and the run's files stay as they were."""
     run = data["root"] / "nan_run"
-    shutil.copytree(reference, run)
+    shutil.copytree(uninterrupted, run)
     features = linked_feature_root(data["features"], data["root"] / "nan_features", [data["train"], data["val"]])
     video = read_csv_text(data["train"])["video_id"].iloc[10]
     path = features / "vit_feature1" / "vit_feature" / f"{video}.pt"
@@ -275,7 +276,7 @@ def _wait_until_locked(proc, out: Path, log: Path, timeout: float = 300) -> Path
     raise AssertionError(f"the run never locked its folder:\n{log.read_text()[-3000:]}")
 
 
-def test_second_run_into_the_same_folder_is_refused(reference: Path, data: dict) -> None:
+def test_second_run_into_the_same_folder_is_refused(uninterrupted: Path, data: dict) -> None:
     """While a run is in its first epoch (a log, no checkpoint yet), a second train.py on its folder --
     plain, --overwrite or --resume -- exits 2 within seconds naming the first, which then finishes
     with exactly the checkpoints of a run that was alone."""
@@ -295,8 +296,8 @@ def test_second_run_into_the_same_folder_is_refused(reference: Path, data: dict)
         assert_clean_failure(proc, 2, f"{run_dir} is in use by another training process", f"pid {first.pid} on")
     assert elapsed < 60
     assert first.exitcode == 0, log.read_text()[-3000:]
-    assert comparable_history(read_state(run_dir)) == comparable_history(read_state(reference))
-    ref_ckpts, got_ckpts = _checkpoints(reference), _checkpoints(run_dir)
+    assert comparable_history(read_state(run_dir)) == comparable_history(read_state(uninterrupted))
+    ref_ckpts, got_ckpts = _checkpoints(uninterrupted), _checkpoints(run_dir)
     assert ref_ckpts.keys() == got_ckpts.keys()
     for name in ref_ckpts:
         _assert_tensors_equal(ref_ckpts[name]["model_state_dict"], got_ckpts[name]["model_state_dict"], name)

@@ -1,4 +1,4 @@
-"""train.py -> test.py -> utils.evaluate.offline end to end on a slice of the demo data (issue 4).
+"""train.py -> test.py -> utils.evaluate.offline end to end on a slice of the demo data.
 
 One 2-epoch training run is shared by the module; test.py must reproduce the validation
 metrics train.py logged for an epoch from that epoch's checkpoint, and utils.evaluate.offline must

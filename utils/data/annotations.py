@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from utils.data.constants import MAX_M_DURATION
+
 COLUMNS: list[str] = [
     "video_id", "music_id", "video_start", "video_end", "music_start", "music_end",
     "music_total_duration", "video_segment_duration", "music_segment_duration", "music_path",
@@ -150,7 +152,7 @@ def _check_duplicates(video_ids: pd.Series, path: Path) -> None:
         + "\n".join(listed) + "\nRemove the duplicated rows (keep one row per video).")
 
 
-def load_annotations(csv_path: str | os.PathLike, max_m_duration: float = 240.0,
+def load_annotations(csv_path: str | os.PathLike, max_m_duration: float = MAX_M_DURATION,
                      skip_bad_rows: bool = False, tolerance: float = 0.05) -> pd.DataFrame:
     """Load and validate one MGSV-EC annotation CSV.
 

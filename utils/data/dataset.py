@@ -1,6 +1,6 @@
 """MGSV-EC dataset over pre-extracted features: one item per CSV row (query video).
 
-Item (dict), following the original loader (reference 1.2 and 1.5):
+Item (dict), following the original loader (dataloaders/dataloader_MGSV_EC_feature.py):
     frame_feats  float32 [Lv, 512]   video frames, padded rows zeroed
     frame_mask   float32 [Lv]
     music_feats  float32 [Lm, 768]   snippets of the ground-truth track
@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.data.annotations import load_annotations
+from utils.data.constants import MAX_M_DURATION
 from utils.data.store import FeatureStore
 
 TENSOR_KEYS = ("frame_feats", "frame_mask", "music_feats", "music_mask", "spans_target", "gt_moment")
@@ -38,7 +39,7 @@ ID_KEYS = ("video_id", "music_id")
 class MGSVDataset(Dataset):
     """Rows of a validated annotation DataFrame joined with their features from `store`."""
 
-    def __init__(self, annotations_df: pd.DataFrame, store: FeatureStore, max_m_duration: float = 240.0):
+    def __init__(self, annotations_df: pd.DataFrame, store: FeatureStore, max_m_duration: float = MAX_M_DURATION):
         self.store = store
         self.max_m_duration = float(max_m_duration)
         # Plain lists/arrays: pandas row access per item would dominate the loading time.
@@ -127,7 +128,7 @@ def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_dataset(csv_path: str | os.PathLike, frozen_feature_path: str | os.PathLike,
-                  stride: float = 2.5, max_m_duration: float = 240.0, skip_bad_rows: bool = False,
+                  stride: float = 2.5, max_m_duration: float = MAX_M_DURATION, skip_bad_rows: bool = False,
                   use_packed: bool = True, store: FeatureStore | None = None,
                   num_frames: int = 50, music_cache_size: int | None = None) -> MGSVDataset:
     """Load + validate a split's CSV, open (or reuse) the feature store and check every id.

@@ -31,12 +31,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+# The folder names are defined in utils/data/constants.py (imported by the torch-free flag parser too).
+from utils.data.constants import MAX_M_DURATION, MUSIC_DIRS, VIDEO_DIR
 from utils.data.tensorfile import read_tensor
 from utils.io import UnsafeFileError, describe_load_failure, torch_load_plain
 
-VIDEO_DIR = "vit_feature1"
-MUSIC_DIRS: dict[float, str] = {2.5: "ast_feature2p5", 5.0: "ast_feature5",
-                                7.5: "ast_feature7p5", 10.0: "ast_feature10"}
 VIDEO_DIM = 512
 MUSIC_DIM = 768
 PACKED_DIR = "packed"
@@ -63,7 +62,7 @@ def music_dir_for_stride(stride: float) -> str:
                            f"strides {sorted(MUSIC_DIRS)} ({MUSIC_DIRS}).") from None
 
 
-def num_snippets_for(stride: float, max_m_duration: float = 240.0) -> int:
+def num_snippets_for(stride: float, max_m_duration: float = MAX_M_DURATION) -> int:
     """Music windows per track: one centre every `stride` s over max_m_duration (96 at 2.5 s)."""
     return int(max_m_duration / stride)
 
@@ -95,7 +94,7 @@ def video_modality(root: str | os.PathLike, num_frames: int = 50) -> Modality:
 
 
 def music_modality(root: str | os.PathLike, stride: float = 2.5,
-                   max_m_duration: float = 240.0) -> Modality:
+                   max_m_duration: float = MAX_M_DURATION) -> Modality:
     return Modality("music", Path(root) / music_dir_for_stride(stride), "ast_feature", "ast_mask",
                     num_snippets_for(stride, max_m_duration), MUSIC_DIM)
 

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from utils.data.constants import MAX_M_DURATION
 from utils.data.features import (README_HINT, FeatureError, Modality, PerIdSource, UnavailableSource, listed,
                                  music_modality, num_snippets_for, unique_in_order, video_modality)
 from utils.data.packed import PackedSource, open_packed
@@ -24,7 +25,7 @@ class FeatureStore:
     give identical tensors (fp16 packing, opt-in, gives close ones).
     """
 
-    def __init__(self, root: str | os.PathLike, stride: float = 2.5, max_m_duration: float = 240.0,
+    def __init__(self, root: str | os.PathLike, stride: float = 2.5, max_m_duration: float = MAX_M_DURATION,
                  num_frames: int = 50, use_packed: bool = True, music_cache_size: int | None = None):
         self.root = Path(root)
         self.stride = float(stride)

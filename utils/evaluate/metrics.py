@@ -1,4 +1,4 @@
-"""Metric definitions of the MGSV benchmark (reference section 5), in numpy.
+"""Metric definitions of the MGSV benchmark (the original's eval_epoch and utils/util_test.py), in numpy.
 
 Three families, all computed per video and averaged over the N videos of a split:
 
@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-MAX_M_DURATION = 240.0
+from utils.data.constants import MAX_M_DURATION
 
 METRIC_KEYS: list[str] = [
     "R1", "R3", "R5", "R10", "R20", "R25", "R50", "R100", "MedianR", "MeanR", "MRR",
@@ -84,7 +84,9 @@ def _as_se(name: str, a: Any) -> np.ndarray:
 def moments_to_seconds(pred_cw: Any, max_m_duration: float = MAX_M_DURATION) -> np.ndarray:
     """(center, width) normalised by 240 s -> (start, end) in seconds: ((c - w/2)*240, (c + w/2)*240).
 
-    The detector predicts spans relative to the global 240 s constant (reference 1.2), not to the track length.
+    The detector predicts spans relative to the global 240 s constant (as the original's dataloader normalises
+    its targets), not to the track length. The numpy twin of model.spans.spans_to_seconds (this module imports
+    no torch), in float64; the torch path is what test.py uses.
     """
     cw = _as_se("pred_cw", pred_cw)
     c, w = cw[:, 0], cw[:, 1]
@@ -92,7 +94,7 @@ def moments_to_seconds(pred_cw: Any, max_m_duration: float = MAX_M_DURATION) -> 
 
 
 def clip_moments(pred_se_sec: Any, m_duration: Any, max_m_duration: float = MAX_M_DURATION) -> np.ndarray:
-    """Clip predicted moments to the track, exactly as the original (reference 5.2).
+    """Clip predicted moments to the track, exactly as the original (eval_epoch in train-MaDe.py).
 
     start = max(start, 0); end = min(end, max_m_duration, m_duration). The start is deliberately NOT clipped to
     the track end: a prediction entirely past the end of the track keeps start > end (negative length), which
@@ -109,7 +111,7 @@ def clip_moments(pred_se_sec: Any, m_duration: Any, max_m_duration: float = MAX_
 
 
 def moment_iou(pred_se: Any, gt_se: Any) -> np.ndarray:
-    """Row-wise temporal IoU [N] of (already clipped) predictions with GT moments, rules of reference 5.2.
+    """Row-wise temporal IoU [N] of (already clipped) predictions with GT moments, by the original's rules.
 
     * a degenerate GT (start >= end) gives IoU 0 whatever the prediction;
     * intersection = max(min(ends) - max(starts), 0);
@@ -327,7 +329,7 @@ def extra_metrics(rank0: Any, ious: Any) -> dict[str, float]:
     """Metrics outside METRIC_KEYS: R{k}_miou (fixed) and R{k}_miou_orig (the original's value).
 
     R{k}_miou = mean IoU over the videos whose GT track ranks <= k (0 when there are none).
-    The original (util_test.py, reference 7.9) divided twice: sum(IoU over those videos) / N / count; that value
+    The original (utils/util_test.py) divided twice: sum(IoU over those videos) / N / count; that value
     is kept as R{k}_miou_orig only to compare with old logs (it was never logged by the original either).
     """
     r, iou = _rank_iou(rank0, ious)
@@ -382,7 +384,7 @@ def compute_all(scores: Any, column_music_ids: Sequence[str], gt_music_ids: Sequ
 
 def smg_ious(pred_se_sec: Any, gt_se_sec: Any, m_duration: Any, max_m_duration: float = MAX_M_DURATION) -> np.ndarray:
     """Clip predictions to the track, then IoU with the GT (whose end is clamped to 240 s like the original's
-    dataloader, reference 1.2; a no-op for MGSV-EC where every track is shorter than 240 s)."""
+    dataloader_MGSV_EC_feature.py; a no-op for MGSV-EC where every track is shorter than 240 s)."""
     gt = _as_se("gt_se_sec", gt_se_sec).copy()
     gt[:, 1] = np.minimum(gt[:, 1], float(max_m_duration))
     return moment_iou(clip_moments(pred_se_sec, m_duration, max_m_duration), gt)

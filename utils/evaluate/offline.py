@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 from utils.data.annotations import AnnotationError, load_annotations
-from utils.evaluate.metrics import (MAX_M_DURATION, compute_all, format_table, metrics_from_ranks, ranked_music_ids,
+from utils.data.constants import MAX_M_DURATION
+from utils.evaluate.metrics import (compute_all, format_table, metrics_from_ranks, ranked_music_ids,
                                     ranks_from_ranked_lists, smg_ious)
 from utils.evaluate.track_prior import (CanonicalClip, canonical_clips, dataset_stats, format_stats, subset_masks,
                                         subset_metrics, subset_table, track_prior_starts)

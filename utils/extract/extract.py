@@ -1,4 +1,4 @@
-"""Raw media -> the feature tensors the model consumes (reference §6), as a small Python API.
+"""Raw media -> the feature tensors the model consumes (CLIP frames, AST windows), as a small Python API.
 
 Used by scripts/extract_features.py (batch extraction into the official folder layout) and by
 scripts/ground.py (one video / one track on the fly):
@@ -22,27 +22,20 @@ import torch
 
 from model.ast_encoder import ASTEncoder, load_ast
 from model.clip_encoder import CLIPImageEncoder, load_clip
-from utils.data.features import MUSIC_DIRS, VIDEO_DIR, music_dir_for_stride, num_snippets_for
+from utils.data.constants import MAX_M_DURATION, MUSIC_DIRS, VIDEO_DIR
+from utils.data.features import music_dir_for_stride, num_snippets_for
 from utils.extract.fbank import SAMPLE_RATE, ast_input
 from utils.extract.media import decode_audio, decode_frames_1fps
 
 __all__ = ["load_clip", "load_ast", "extract_video_features", "extract_music_features", "music_windows",
-           "music_dir_for_stride", "resolve_device", "MAX_V_FRAMES", "MAX_M_DURATION", "MUSIC_DIRS", "VIDEO_DIR"]
+           "music_dir_for_stride", "MAX_V_FRAMES", "MAX_M_DURATION", "MUSIC_DIRS", "VIDEO_DIR"]
 
 MAX_V_FRAMES = 50
-MAX_M_DURATION = 240.0
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; anything else is passed to torch.device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def music_windows(duration: float, stride: float, filter_s: float,
                   max_duration: float = MAX_M_DURATION) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Window centres, [start, end) sample indices and validity mask of a track (reference §1.4 / §6.2).
+    """Window centres, [start, end) sample indices and validity mask of a track (dataloader_MGSV_EC_rawdata.py).
 
     Centres are stride * k for k < int(max_duration / stride); window k covers
     [max(0, c - filter/2), min(max_duration, c + filter/2)] (padding 0) and is valid iff c <= duration.

@@ -1,6 +1,6 @@
 """Kaldi-compatible log-mel filterbank features and the AST input recipe, in plain torch.
 
-The authors computed AST inputs with ``torchaudio.compliance.kaldi.fbank`` (reference §6.2). torchaudio is
+The authors computed AST inputs with ``torchaudio.compliance.kaldi.fbank``. torchaudio is
 not a dependency of this project (its wheels are pinned to one exact torch build, which makes it hard to
 install next to an arbitrary torch), so the subset of Kaldi's ``compute-fbank-feats`` that the recipe uses is
 re-implemented here:
@@ -119,7 +119,7 @@ def fbank(waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE, num_mel_bins: 
 
 
 def pad_or_truncate(features: torch.Tensor, target_length: int = AST_TARGET_LENGTH) -> torch.Tensor:
-    """Zero-pad at the end (in the log-mel domain, as the reference does) or cut to target_length frames."""
+    """Zero-pad at the end (in the log-mel domain, as the authors' extractor does) or cut to target_length frames."""
     missing = target_length - features.shape[0]
     if missing > 0:
         return torch.nn.functional.pad(features, (0, 0, 0, missing))

@@ -38,6 +38,13 @@ def open_media(path: str | os.PathLike) -> av.container.InputContainer:
         raise MediaError(f"{path}: cannot open ({e})") from e
 
 
+def first_audio_stream(container: av.container.InputContainer, path: str | os.PathLike) -> av.AudioStream:
+    """The container's first audio stream; MediaError (naming the file) when it has none."""
+    if not container.streams.audio:
+        raise MediaError(f"{path}: no audio stream")
+    return container.streams.audio[0]
+
+
 def _frame_time(frame: av.VideoFrame, index: int, fallback_rate: float) -> float:
     """Presentation time in seconds; falls back to index / rate for streams without timestamps."""
     if frame.time is not None:
@@ -58,7 +65,7 @@ def decode_frames_1fps(path: str | os.PathLike, max_frames: int = 50) -> tuple[l
     Slot i holds the last decoded frame whose presentation time is <= i (the first frame if the stream starts
     late). The number of slots is min(max_frames, floor(D) + 1) where D is the end time of the last frame,
     so a 12.4 s clip gives 13 frames (t = 0..12). For a clip of exactly 12.0 s the slot t = 12 shows the final
-    frame, mirroring the authors' frame dumps ("<i>.jpg" plus "end.jpg", reference §6.1).
+    frame, mirroring the authors' frame dumps ("<i>.jpg" plus "end.jpg").
 
     Returns (frames as PIL images, duration D in seconds). Frames are decoded sequentially and only the
     selected ones are converted, so memory stays small for long clips.
@@ -110,9 +117,7 @@ def decode_audio(path: str | os.PathLike, sample_rate: int = 16000,
         raise ValueError(f"channel must be 'first' or 'mean', got {channel!r}")
     container = open_media(path)
     try:
-        if not container.streams.audio:
-            raise MediaError(f"{path}: no audio stream")
-        stream = container.streams.audio[0]
+        stream = first_audio_stream(container, path)
         # Planar float keeps channels separate ([C, n] per frame); layout None keeps the source layout.
         resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate)
         chunks: list[np.ndarray] = []

@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from utils.data.constants import MAX_M_DURATION
 from utils.ground.index import write_index
 from utils.ground.library import MusicLibrary, open_index
 from utils.ground.model import GroundingModel, weights_fingerprint
@@ -63,7 +64,7 @@ def random_model(seed: int = 0, device: str | torch.device = "cpu") -> Grounding
     from model.made import MaDe, MaDeConfig
     torch.manual_seed(seed)
     model = MaDe(MaDeConfig()).to(device).eval()
-    args = argparse.Namespace(stride=2.5, max_m_duration=240.0, max_v_frames=50, fb_label="01")
+    args = argparse.Namespace(stride=2.5, max_m_duration=MAX_M_DURATION, max_v_frames=50, fb_label="01")
     return GroundingModel(model, args, f"<random init, seed {seed}>", weights_fingerprint(model),
                           torch.device(device))
 

@@ -46,6 +46,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from utils.data.constants import MAX_M_DURATION
 from utils.ground.library import (GRAM_FILE, HEAD_KEYS_FILE, INDEX_FORMAT, KEYS_FILE, MANIFEST, STORE_DTYPES,
                                   TOKENS_FILE, USAGE, TrackStore, file_records, keys_for_storage, open_raw)
 from utils.ground.model import GroundingError, GroundingModel
@@ -289,7 +290,7 @@ def build_index(gm: GroundingModel, music_ids: str | os.PathLike | Sequence[str]
     return write_index(gm, ids, chunks(), out, durations, dtype, overwrite, extra, usage)
 
 
-def read_usage(prior_csv: str | os.PathLike, max_m_duration: float = 240.0) -> dict:
+def read_usage(prior_csv: str | os.PathLike, max_m_duration: float = MAX_M_DURATION) -> dict:
     """{music_id: CanonicalClip} of an annotation CSV; a bad CSV is a GroundingError naming it."""
     from utils.data.annotations import AnnotationError, load_annotations
     from utils.evaluate.track_prior import canonical_clips

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.data.constants import MAX_M_DURATION
+from utils.device import resolve_device
 from utils.train.checkpoint import adopt_checkpoint_config, load_checkpoint, load_model_weights, unwrap
 
 
@@ -32,7 +34,7 @@ class GroundingModel:
 
     @property
     def max_m_duration(self) -> float:
-        return float(getattr(self.args, "max_m_duration", 240.0))
+        return float(getattr(self.args, "max_m_duration", MAX_M_DURATION))
 
     @property
     def stride(self) -> float:
@@ -52,11 +54,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    from utils.train.setup import resolve_device as _resolve
-    return name if isinstance(name, torch.device) else _resolve(str(name))
 
 
 def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto") -> GroundingModel:

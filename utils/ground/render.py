@@ -24,7 +24,7 @@ from typing import IO, Callable, Sequence
 import av
 import numpy as np
 
-from utils.extract.media import MediaError, open_media
+from utils.extract.media import MediaError, first_audio_stream, open_media
 from utils.io import atomic_open
 
 DEFAULT_FADE = 0.3          # seconds; long enough to hide the cut, short enough to keep the beat
@@ -108,9 +108,7 @@ def read_audio_moment(path: str | os.PathLike, start: float, seconds: float) -> 
         raise RenderError(f"audio cut {start:.2f} s + {seconds:.2f} s: start must be >= 0 and length > 0")
     container = open_media(path)
     try:
-        if not container.streams.audio:
-            raise MediaError(f"{path}: no audio stream")
-        stream = container.streams.audio[0]
+        stream = first_audio_stream(container, path)
         rate = stream.rate if stream.rate in AAC_RATES else 48000
         layout = "mono" if (stream.channels or 1) == 1 else "stereo"
         resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from utils.data.constants import MAX_M_DURATION
 from utils.ground.grounding import GroundTruth, QueryResult
 from utils.io import atomic_open
 
@@ -40,7 +41,7 @@ def format_results(results: Sequence[QueryResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: float = 240.0) -> Path:
+def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: float = MAX_M_DURATION) -> Path:
     """A picture of one query against its top tracks, written atomically as PNG.
 
     One horizontal timeline per returned track (length = track duration), the predicted moment
@@ -103,7 +104,7 @@ def plot_result(result: QueryResult, path: str | os.PathLike, max_m_duration: fl
 
 
 def _draw_track(ax: Any, y: float, duration: float, start: float, end: float, gt: GroundTruth | None,
-                max_m_duration: float = 240.0) -> None:
+                max_m_duration: float = MAX_M_DURATION) -> None:
     ax.barh(y, duration, left=0, height=0.5, color="#dddddd", edgecolor="#999999", linewidth=0.6)
     if end > start:
         ax.barh(y, end - start, left=start, height=0.5, color="#1f77b4", alpha=0.8)

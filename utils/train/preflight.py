@@ -47,6 +47,7 @@ USER_ERRORS = (
     ("utils.evaluate.offline", "EvaluationError"),
     ("utils.train.preflight", "RunDirError"),
     ("utils.train.preflight", "ConfigError"),
+    ("utils.device", "DeviceError"),
     ("utils.io", "OutputError"),
     ("utils.io", "UnsafeFileError"),
 )
@@ -207,9 +208,9 @@ def resume_settings(args: Any, saved: dict, given: set[str], source: str) -> lis
             + "\nA resumed run continues with its own settings: drop these flags (or start a new run "
             "with another --name to train with them).")
     if "frozen_feature_path" in given:  # the derived folders follow the new root
-        from utils.train.options import STRIDE_DIRS
-        args.music_frozen_feature_path = os.path.join(args.frozen_feature_path, STRIDE_DIRS[float(args.stride)])
-        args.frame_frozen_feature_path = os.path.join(args.frozen_feature_path, "vit_feature1")
+        from utils.data.constants import MUSIC_DIRS, VIDEO_DIR
+        args.music_frozen_feature_path = os.path.join(args.frozen_feature_path, MUSIC_DIRS[float(args.stride)])
+        args.frame_frozen_feature_path = os.path.join(args.frozen_feature_path, VIDEO_DIR)
     return notes
 
 

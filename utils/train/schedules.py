@@ -1,8 +1,8 @@
 """Learning-rate schedules, stepped once per optimizer iteration (as the original).
 
 The original builds a `LambdaLR` whose factor at step 0 is 0 for the warm-up
-schedules, so the very first update happens at lr 0 (reference section 7,
-item 16). We keep that: it is part of the training curve the paper reports.
+schedules, so the very first update happens at lr 0 (utils/scheduler.py
+in the original). We keep that: it is part of the training curve the paper reports.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Set-up shared by train.py and test.py: device, seeds, loaders, model and optimizer.
+"""Set-up shared by train.py and test.py: device and processes, seeds, loaders, model and optimizer.
 
 Kept out of train.py so that the training loop there reads top to bottom. The checks that
 need no torch (run folder, CSVs, batch size, resumed settings) are in utils/train/preflight.py.
@@ -14,20 +14,24 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+from utils.device import resolve_device
 from utils.logger import get_logger
-from utils.train.distributed import DistInfo, ShardSampler, ddp_wrap, gather_with_grad, has_unused_parameters
+from utils.train.distributed import (DistInfo, ShardSampler, ddp_wrap, gather_with_grad, has_unused_parameters,
+                                     init_distributed)
 
 # RunDirError is re-exported for callers that imported it from here.
-from utils.train.preflight import ConfigError, RunDirError, check_batch_size, load_split  # noqa: F401
+from utils.train.preflight import RunDirError, check_batch_size, load_split  # noqa: F401
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but CUDA is not available on this machine "
-                          "(use --device cpu or auto)")
-    return torch.device(name)
+def setup_process(args: Any) -> tuple[torch.device, DistInfo]:
+    """The start of train.py and test.py: --device resolved (utils/device.py), the process group
+    joined when torchrun launched this process (each rank then on its own GPU), the seeds fixed."""
+    device = resolve_device(args.device)
+    dist_info = init_distributed(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    seed_everything(args.seed)
+    return device, dist_info
 
 
 def seed_everything(seed: int) -> None:
