@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from utils.io import check_writable_dir
+from utils.io import check_writable_dir, check_writable_file
 from utils.logger import get_logger, setup_logger
 from utils.train import runlock
 from utils.train.options import parse_args
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         runlock.check_free(run_dir)  # a run in its first epoch has no checkpoint yet, but holds the lock
         check_new_run_dir(run_dir, args.overwrite)
         check_writable_dir(run_dir, "run folder (--output_dir/--name)")
+    if args.metrics_json:
+        check_writable_file(args.metrics_json, "--metrics_json")
     # The annotations before anything heavy: pandas only, so a bad CSV or batch size is
     # reported before torch is imported or the feature store is opened.
     train_df = load_split(args.train_csv, args)
@@ -277,6 +279,10 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
                 log.info("last validation:\n" + format_table({"val": history[-1]["val"]}))
             if args.save_model:
                 write_state(True, history[-1]["epoch"] if history else start_epoch - 1)
+            if args.metrics_json and history and history[-1].get("val"):
+                # The flat object test.py writes for one checkpoint (utils.evaluate.metrics.METRIC_KEYS).
+                atomic_write_json(history[-1]["val"], Path(args.metrics_json))
+                log.info(f"last validation's metrics written to {args.metrics_json}")
     except (NonFiniteLossError, WriteError) as e:
         # WriteError: a checkpoint or state write failed part-way (disk full); atomic writes kept the old files.
         saved = (f"The checkpoints in {run_dir} are those of epoch {last_saved} and were not overwritten"
