@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                          + "\n" + format_table(subset_table(combined)))
         results[path.name] = metrics
         if args.save_json and dist_info.is_main:
-            identity = prediction_identity(path, args.test_csv, {k: getattr(args, k, None) for k in (
+            identity = prediction_identity(path, args.test_csv, {k: getattr(args, k) for k in (
                 *MODEL_KEYS, "max_v_frames", "skip_bad_rows", "frozen_feature_path", "save_json_ranking")})
             out = log_dir / (f"uni_{split_name(args.test_csv)}_{state.get('epoch')}_{path.name.split('.')[-1]}_"
                              f"Mo-R1={metrics['R1_iou0.7']:.2f}_{identity}.json")

@@ -3,7 +3,7 @@ import pytest
 
 from utils.train.options import MODEL_KEYS, get_parser, parse_args
 
-# Every flag of reference section 8 (train script), same names.
+# Every flag of the authors' train-MaDe.py (xxayt/MGSV, parse_option), same names.
 ORIGINAL_FLAGS = """name output_dir load_uni_model_path resume_path data train_data val_data test_data train_csv
 val_csv test_csv image_resolution max_v_frames max_m_duration stride filter padding toph_moment gt_moment_num
 backbone_type dim_input frozen_feature_path video_encoder_type audio_encoder_type temperature_init_value

@@ -32,15 +32,15 @@ class GroundingModel:
 
     @property
     def num_frames(self) -> int:
-        return int(getattr(self.args, "max_v_frames", 50))
+        return int(self.args.max_v_frames)
 
     @property
     def max_m_duration(self) -> float:
-        return float(getattr(self.args, "max_m_duration", 240.0))
+        return float(self.args.max_m_duration)
 
     @property
     def stride(self) -> float:
-        return float(getattr(self.args, "stride", 2.5))
+        return float(self.args.stride)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -19,23 +19,21 @@ import math
 import os
 from collections.abc import Sequence
 
+from model.config_flags import model_flags
+
 MODES = ("train", "test")
 STRIDE_DIRS = {2.5: "ast_feature2p5", 5.0: "ast_feature5", 7.5: "ast_feature7p5", 10.0: "ast_feature10"}
 MUSIC_PE_LEN = 300  # length of the music sinusoid table, hard-coded in the original
 
-# Settings a checkpoint carries (model architecture, test-time scoring, losses): the
-# inference tools take them from the checkpoint rather than from the command line.
+# Settings a checkpoint carries and the inference tools take from it rather than from the command
+# line (utils/train/checkpoint.adopt_checkpoint_config): the model's, as named in
+# model/config_flags.py, then the losses' and the optimiser's that shape the trained weights, and
+# the original's flags that accept only their one working value (recorded with the run).
 MODEL_KEYS = (
-    "dim_input", "video_attention_seqlen", "video_transformer_depth", "audio_transformer_depth",
-    "with_cls_token", "with_act_after_proj", "transformer_is_share", "SA_temporal_heads", "agg_module",
-    "video_encoder_type", "audio_encoder_type", "temperature_init_value",
-    "vmr_fusion", "vmr_loss", "dual_single_loss_weight", "fusion_mask", "mml_fusion", "mml_localization",
-    "moment_query_type", "span_loss_type", "fb_label", "detr_dropout", "detr_nheads", "detr_dim_feedforward",
-    "detr_enc_layers", "detr_dec_layers", "detr_pre_norm", "num_moment_queries", "decoder_SA",
-    "predict_center", "l1_loss", "aux_loss", "contrastive_align_loss", "moment_loss", "audio_short_cut",
-    "contrastive_dim", "position_embedding", "ret_loss_weight", "loc_loss_weight", "max_m_duration", "stride",
-    "temporal_dropout", "residual_from_input", "separate_positions", "decoder_SA_fix", "mask_same_music",
-    "train_query_pos", "moment_head",
+    *model_flags(),
+    "ret_loss_weight", "loc_loss_weight", "dual_single_loss_weight", "mask_same_music", "train_query_pos",
+    "video_encoder_type", "audio_encoder_type", "mml_fusion", "span_loss_type", "l1_loss", "moment_loss",
+    "audio_short_cut", "position_embedding",
 )
 
 

@@ -119,13 +119,13 @@ def make_train_loader(dataset, batch_size: int, dist_info: DistInfo, device: tor
     """(loader, sampler) of the training split: make_loader's DataLoader, or with --feature_device
     the same batches gathered from features held on a device (utils/data/resident.py)."""
     from utils.data.resident import ResidentFeatures, ResidentLoader, choose_feature_device
-    feature_device = choose_feature_device(getattr(args, "feature_device", "auto"), dataset, device)
+    feature_device = choose_feature_device(args.feature_device, dataset, device)
     if feature_device is None:
         return make_loader(dataset, batch_size, True, True, args.seed, dist_info, device, args)
     sampler = make_sampler(dataset, True, args.seed, dist_info)
     features = ResidentFeatures(dataset, feature_device)
     get_logger().info(f"training features resident on {feature_device}: {features.nbytes / 2**30:.2f} GiB "
-                      f"(--feature_device {getattr(args, 'feature_device', 'auto')})")
+                      f"(--feature_device {args.feature_device})")
     return ResidentLoader(features, sampler, batch_size, drop_last=True), sampler
 
 
@@ -206,7 +206,7 @@ def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_p
         # rank 0 keeps the one-process stream. Data order comes from the samplers' own seed.
         if dist_info.rank:
             torch.manual_seed(args.seed + dist_info.rank)
-    if getattr(args, "compile", False):
+    if args.compile:
         # Token packing (model/fast_ops.py, CPU) gives every batch new shapes and a host sync;
         # a compiled graph wants static shapes, so the compiled model runs the padded layout.
         from model import fast_ops
