@@ -133,12 +133,12 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     compat: list[tuple[tuple[str, ...], dict]] = []  # added last, as one group
 
-    def add(group, *names: str, where: tuple[str, ...] = MODES, **kw) -> None:
-        """A flag with an effect in the modes `where`; in the other mode it is a compatibility flag."""
+    def add(group, *names: str, where: tuple[str, ...] = MODES, elsewhere: str = "", **kw) -> None:
+        """A flag with an effect in the modes `where`; in the other mode a compatibility flag (help: elsewhere)."""
         if mode in where:
             group.add_argument(*names, **kw)
         else:
-            compat.append((names, {**kw, "help": f"({where[0]}.py only)"}))
+            compat.append((names, {**kw, "help": elsewhere or f"({where[0]}.py only)"}))
 
     def unused(*names: str, why: str, **kw) -> None:
         """A flag of the original with no effect in either mode."""
@@ -276,7 +276,7 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
     unused("--do_train", action=argparse.BooleanOptionalAction, default=train,
            why="(train.py always trains, test.py never: the other value is refused)")
     add(g, "--do_eval", where=("train",), action=argparse.BooleanOptionalAction, default=True,
-        help="validate on --val_csv every epoch (best checkpoints, early stopping)")
+        elsewhere="(test.py always evaluates: --no-do_eval is refused)", help="validate on --val_csv every epoch (best checkpoints, early stopping)")
     add(g, "--start_epoch", where=("train",), type=nonneg_int, default=0,
         help="epochs already done: training starts at epoch start_epoch + 1")
     add(g, "--epochs", where=("train",), type=positive_int, default=100)
