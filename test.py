@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from utils.device import resolve_device
 from utils.evaluate.engine import evaluate, per_video_predictions
 from utils.evaluate.metrics import METRIC_KEYS, format_table
 from utils.io import atomic_write_json, check_writable_file
@@ -96,6 +99,62 @@ def split_name(csv_path: str) -> str:
     return "test" if "test" in name else ("val" if "val" in name else Path(csv_path).stem)
 
 
+def log_dir_name(args) -> str:
+    """The folder of the log and --save_json files (beside the checkpoint, or under --output_dir)."""
+    return f"{args.test_data}-{split_name(args.test_csv)}"
+
+
+def log_file_name(args, stamp: str) -> str:
+    """The log file's name, as the original names it (stamp: the start time)."""
+    return f"{stamp}-uni-{args.name}-{args.test_data}_test.log"
+
+
+def eval_loader(args, dist_info: D.DistInfo, device: torch.device):
+    """The --test_csv split's loader for the settings in `args` (the checkpoint's, once adopted).
+    Under torchrun every rank evaluates one shard; the metrics are over the whole split."""
+    from utils.data.dataset import build_dataset
+    dataset = build_dataset(args.test_csv, frozen_feature_path=args.frozen_feature_path,
+                            stride=args.stride, max_m_duration=args.max_m_duration,
+                            skip_bad_rows=args.skip_bad_rows, use_packed=bool(args.use_packed),
+                            num_frames=args.max_v_frames, music_cache_size=EVAL_MUSIC_CACHE)
+    return make_eval_loader(dataset, args.batch_size_val, dist_info, device, args)
+
+
+def plan(argv: list[str]) -> dict:
+    """What `python test.py argv` would evaluate and write, as plain values (utils/train/plan.py), without
+    evaluating or writing anything: the checkpoints, the model configuration of the first one (its own
+    settings adopted, as main() does), the split's loader, the output files and the runtime settings
+    the evaluation reads. tests/test_flags.py compares the plans of two command lines."""
+    from dataclasses import asdict
+
+    from model.made import MaDeConfig
+    from utils.logger import get_logger
+    from utils.train.plan import loader_plan
+    from utils.train.preflight import evaluation_dirs
+    args = parse_args(argv, mode="test")
+    device = resolve_device(args.device)
+    ckpt_root = Path(args.load_uni_model_path)
+    paths = checkpoints_to_test(ckpt_root, args.test_best)
+    log_dir = evaluation_dir(ckpt_root, args.output_dir, log_dir_name(args))
+    state = load_checkpoint(paths[0])
+    adopt_checkpoint_config(args, state)
+    loader = eval_loader(args, D.DistInfo(), device)
+    prior_csv, prior = usage_prior(args, state, get_logger(), {})
+    return {
+        "checkpoints": [str(p) for p in paths],
+        "model": {"config": asdict(MaDeConfig.from_args(args))},
+        "data": loader_plan(loader),
+        "outputs": {"log_dir": str(log_dir),
+                    "fallback_log_dir": str(evaluation_dirs(ckpt_root, args.output_dir, log_dir_name(args))[1]),
+                    "log_file": log_file_name(args, "<time>"),
+                    "metrics_json": [str(p) for p in metrics_json_paths(args.metrics_json, paths)],
+                    "prior": None if prior is None else {"csv": prior_csv, "rows": len(prior)},
+                    "save_json": bool(args.save_json), "save_json_ranking": args.save_json_ranking},
+        "runtime": {"device": args.device, "resolved_device": str(device), "amp": args.amp,
+                    "eval_chunk": args.eval_chunk},
+    }
+
+
 # One pass over the split: an unbounded music cache would keep every track read from per-id files
 # (~0.3 MB each, 0.6 GB for a 2,000-track split) to the end; a track that has left this bounded
 # one is read from its file again (~0.2 ms).
@@ -110,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     watch = Stopwatch()
     from model.made import build_model
     from utils.data.annotations import load_annotations
-    from utils.data.dataset import build_dataset
     from utils.evaluate.engine import ious_with_usage_prior
     from utils.evaluate.metrics import metrics_from_ranks
     from utils.evaluate.track_prior import canonical_clips, subset_masks, subset_metrics, subset_table, track_starts
@@ -120,11 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_root = Path(args.load_uni_model_path)
     paths = checkpoints_to_test(ckpt_root, args.test_best)  # before the log folder is made beside them
     # Outputs are checked before the evaluation, not found unwritable after it.
-    log_dir = evaluation_dir(ckpt_root, args.output_dir, f"{args.test_data}-{split_name(args.test_csv)}")
+    log_dir = evaluation_dir(ckpt_root, args.output_dir, log_dir_name(args))
     for out in metrics_json_paths(args.metrics_json, paths):
         check_writable_file(out, "--metrics_json")
-    log = setup_logger(log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-uni-{args.name}-{args.test_data}_test.log",
-                       is_main=dist_info.is_main)
+    log = setup_logger(log_dir / log_file_name(args, time.strftime('%Y%m%d-%H%M%S')), is_main=dist_info.is_main)
 
     # The dataset depends on settings a checkpoint may carry (stride, max_m_duration, max_v_frames),
     # so it is built after each checkpoint's settings are adopted, and rebuilt only when they change.
@@ -139,14 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal data_key, loader
         key = (args.stride, args.max_m_duration, args.max_v_frames)
         if key != data_key:
-            dataset = build_dataset(args.test_csv, frozen_feature_path=args.frozen_feature_path,
-                                    stride=args.stride, max_m_duration=args.max_m_duration,
-                                    skip_bad_rows=args.skip_bad_rows, use_packed=bool(args.use_packed),
-                                    num_frames=args.max_v_frames, music_cache_size=EVAL_MUSIC_CACHE)
-            # Under torchrun every rank evaluates one shard; the metrics are over the whole split.
-            loader = make_eval_loader(dataset, args.batch_size_val, dist_info, device, args)
+            loader = eval_loader(args, dist_info, device)
             data_key = key
-            log.info(f"{args.test_csv}: {len(dataset)} videos (stride {args.stride}); device {device}")
+            log.info(f"{args.test_csv}: {len(loader.dataset)} videos (stride {args.stride}); device {device}")
         return loader
 
     results, results_prior = {}, {}
@@ -181,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                          + "\n" + format_table(subset_table(combined)))
         results[path.name] = metrics
         if args.save_json and dist_info.is_main:
-            identity = prediction_identity(path, args.test_csv, {k: getattr(args, k, None) for k in (
+            identity = prediction_identity(path, args.test_csv, {k: getattr(args, k) for k in (
                 *MODEL_KEYS, "max_v_frames", "skip_bad_rows", "frozen_feature_path", "save_json_ranking")})
             out = log_dir / (f"uni_{split_name(args.test_csv)}_{state.get('epoch')}_{path.name.split('.')[-1]}_"
                              f"Mo-R1={metrics['R1_iou0.7']:.2f}_{identity}.json")

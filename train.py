@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from utils.io import check_writable_dir
+from utils.io import check_writable_dir, check_writable_file
 from utils.logger import get_logger, setup_logger
 from utils.train import runlock
 from utils.train.options import parse_args
@@ -87,12 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         runlock.check_free(run_dir)  # a run in its first epoch has no checkpoint yet, but holds the lock
         check_new_run_dir(run_dir, args.overwrite)
         check_writable_dir(run_dir, "run folder (--output_dir/--name)")
+    if args.metrics_json:
+        check_writable_file(args.metrics_json, "--metrics_json")
     # The annotations before anything heavy: pandas only, so a bad CSV or batch size is
     # reported before torch is imported or the feature store is opened.
+    train_df, val_df = load_splits(args)
+    return train(args, run_dir, train_df, val_df, resume)
+
+
+def load_splits(args: Any) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The training and (with --do_eval) validation annotations, validated, and a batch size that fits them."""
     train_df = load_split(args.train_csv, args)
     val_df = load_split(args.val_csv, args) if args.do_eval else None
     check_batch_size(len(train_df), args.batch_size_train, int(os.environ.get("WORLD_SIZE", "1")), args.train_csv)
-    return train(args, run_dir, train_df, val_df, resume)
+    return train_df, val_df
 
 
 def load_resume(args: Any, argv: list[str]) -> dict:
@@ -105,6 +113,61 @@ def load_resume(args: Any, argv: list[str]) -> dict:
         get_logger().info(f"resuming {path} with the run's settings: " + ", ".join(notes))
     state["path"] = path
     return state
+
+
+def first_epoch(args: Any, resume: dict | None) -> int:
+    """The first epoch this process trains: after --start_epoch, or after the resumed run's last epoch."""
+    return resume["epoch"] + 1 if resume is not None else args.start_epoch + 1
+
+
+def log_file_name(args: Any, stamp: str) -> str:
+    """The run's log file in its folder, as the original names it (stamp: the start time)."""
+    return f"{stamp}-{args.name}-{args.train_data}_train.log"
+
+
+def plan(argv: list[str]) -> dict:
+    """What `python train.py argv` would train and write, as plain values (utils/train/plan.py), without
+    training or writing anything.
+
+    main()'s preflight (the run's own settings with --resume) and train()'s set-up (build_run) on
+    one process and this machine's device, uncompiled (--compile is reported, not applied). Sections:
+    model, criterion, optimizer, schedule, data, run (folder, epochs, logging), outputs, runtime
+    (settings the loop reads as it runs). tests/test_flags.py compares the plans of two command lines.
+    """
+    from utils.train.checkpoint import BEST_NAMES, LAST_NAME
+    from utils.train.distributed import DistInfo
+    from utils.train.loop import log_interval
+    from utils.train.plan import criterion_plan, loader_plan, model_plan, optimizer_plan, schedule_plan
+    from utils.device import resolve_device
+    from utils.train.setup import build_run
+    args = parse_args(argv, mode="train")
+    resume = load_resume(args, argv) if args.resume else None
+    run_dir = resume["path"].parent if resume is not None else new_run_dir(args)
+    train_df, val_df = load_splits(args)
+    device = resolve_device(args.device)
+    run = build_run(args, device, DistInfo(), train_df, val_df, compile_model=False)
+    first = first_epoch(args, resume)
+    steps = len(run.train_loader)
+    return {
+        "model": model_plan(run.model),
+        "criterion": criterion_plan(run.criterion),
+        "optimizer": {"groups": optimizer_plan(run.optimizer, run.model),
+                      "clip_grad_norm_per_group": args.max_grad_norm},
+        "schedule": schedule_plan(run.scheduler, steps, args.epochs),
+        "data": {"train": loader_plan(run.train_loader, first_epoch=first),
+                 "val": loader_plan(run.val_loader) if run.val_loader is not None else None},
+        "run": {"folder": str(run_dir), "log_file": log_file_name(args, "<time>"),
+                "epochs": list(range(first, args.epochs + 1)), "early_stopping": bool(args.do_eval),
+                "log_every_steps": log_interval(steps, args.num_display),
+                "resumed_from": str(resume["path"]) if resume is not None else None},
+        "outputs": {"checkpoints": ([LAST_NAME, *(BEST_NAMES.values() if args.do_eval else ())]
+                                    if args.save_model else []),
+                    "tensorboard": bool(args.tb_writer), "metrics_json": args.metrics_json,
+                    "set_aside_previous_run": bool(args.overwrite)},
+        "runtime": {"device": args.device, "resolved_device": str(device), "amp": args.amp,
+                    "compile": bool(args.compile), "eval_chunk": args.eval_chunk,
+                    "local_negatives": bool(args.local_negatives)},
+    }
 
 
 def finished(resume: dict, args: Any) -> bool:
@@ -141,15 +204,15 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
     from utils.train import distributed as D
     from utils.train.checkpoint import BEST_NAMES, LAST_NAME, load_model_weights, save_checkpoint, unwrap
     from utils.train.loop import NonFiniteLossError, train_one_epoch
-    from utils.train.setup import build_loaders, build_training, capture_rng, describe_run, restore_rng, setup_process
+    from utils.train.setup import build_run, capture_rng, describe_run, restore_rng, setup_process
 
     device, dist_info = setup_process(args)
     # Rank 0 decides the folder (its date) and tells the others.
     run_dir = Path(D.broadcast_object(str(run_dir) if dist_info.is_main else None))
-
-    train_loader, val_loader, train_sampler = build_loaders(args, dist_info, device, train_df=train_df, val_df=val_df)
-    model, criterion, optimizer, scheduler, ddp_model = build_training(args, device, dist_info,
-                                                                      steps_per_epoch=len(train_loader))
+    run = build_run(args, device, dist_info, train_df, val_df)
+    train_loader, val_loader, train_sampler = run.train_loader, run.val_loader, run.train_sampler
+    model, criterion, optimizer, scheduler, ddp_model = (run.model, run.criterion, run.optimizer, run.scheduler,
+                                                         run.ddp_model)
     # Every input is good: only now is anything written, and only by the holder of the folder's lock.
     set_aside, lock = None, None
     if dist_info.is_main:
@@ -162,8 +225,7 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
         raise RunDirError(refusal)
     if dist_info.is_main and resume is None and args.overwrite:
         set_aside = set_aside_previous_run(run_dir)
-    log = setup_logger(run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.name}-{args.train_data}_train.log",
-                       is_main=dist_info.is_main)
+    log = setup_logger(run_dir / log_file_name(args, time.strftime('%Y%m%d-%H%M%S')), is_main=dist_info.is_main)
     log.info(describe_run(args, device, dist_info, run_dir))
     if set_aside is not None:
         log.info(f"--overwrite: the previous run's files were moved to {set_aside}")
@@ -172,7 +234,7 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
 
     bests = {k: 0.0 for k in (*BEST_NAMES, "R5")}
     best_epochs = {k: 0 for k in bests}
-    start_epoch, global_step, history = args.start_epoch + 1, 0, []
+    start_epoch, global_step, history = first_epoch(args, None), 0, []
     if resume is not None:
         # Every rank reads the same file, so all start from identical weights and optimizer state.
         load_model_weights(model, resume, resume["path"])
@@ -188,7 +250,7 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
             restore_rng(r["rng"])
             if dist_info.rank:
                 torch.manual_seed(args.seed + 1000 * resume["epoch"] + dist_info.rank)
-        start_epoch, global_step = resume["epoch"] + 1, r["global_step"]
+        start_epoch, global_step = first_epoch(args, resume), r["global_step"]
         bests, best_epochs, history = r["bests"], r["best_epochs"], r["history"]
         log.info(f"resumed from epoch {resume['epoch']} (step {global_step}) of {resume['path']}")
 
@@ -256,6 +318,10 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
                 log.info("last validation:\n" + format_table({"val": history[-1]["val"]}))
             if args.save_model:
                 write_state(True, history[-1]["epoch"] if history else start_epoch - 1)
+            if args.metrics_json and history and history[-1].get("val"):
+                # The flat object test.py writes for one checkpoint (utils.evaluate.metrics.METRIC_KEYS).
+                atomic_write_json(history[-1]["val"], Path(args.metrics_json))
+                log.info(f"last validation's metrics written to {args.metrics_json}")
     except (NonFiniteLossError, WriteError) as e:
         # WriteError: a checkpoint or state write failed part-way (disk full); atomic writes kept the old files.
         saved = (f"The checkpoints in {run_dir} are those of epoch {last_saved} and were not overwritten"

@@ -1,4 +1,4 @@
-"""Training losses (the authors' modules/loss.py and music_detr/loss_detr.py).
+"""Training losses (the authors' modules/loss.py and music_detr/loss_detr.py, xxayt/MGSV).
 
     loss = ret_loss_weight * L_ret + loc_loss_weight * L_loc
     L_ret: symmetric InfoNCE over in-batch similarities, per --vmr_loss
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import fast_ops
 from .spans import generalized_temporal_iou, span_cw_to_se
 from .boundary_head import BoundaryCriterion
+from .config_flags import FOREGROUND
 from .matcher import HungarianMatcher
 
 # Loss weights and matcher costs: hard-coded in the original (no flags).
@@ -291,7 +292,7 @@ class Criterion(nn.Module):
 
 
 def build_criterion(args: argparse.Namespace) -> Criterion:
-    foreground = 0 if args.fb_label == "01" else 1
+    foreground = FOREGROUND[args.fb_label]
     retrieval = RetrievalLoss(args.vmr_loss, args.dual_single_loss_weight, bool(args.mask_same_music))
     if args.moment_head == "boundary":
         localization: nn.Module = BoundaryCriterion(args.stride, args.max_m_duration)

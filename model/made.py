@@ -1,4 +1,4 @@
-"""MaDe: music grounding by short video (the authors' model/model_Uni.py), top to bottom.
+"""MaDe: music grounding by short video (the authors' Uni_model, xxayt/MGSV model/model_Uni.py), top to bottom.
 
     frames  --video_encoder-->  v [B, d] (global), Fv [B, 50, d] (frame tokens)
     snippets --music_encoder--> m [B, d] (global), Sm [B, 96, d] (snippet tokens)
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 
 from .boundary_head import BoundaryHead
+from .config_flags import config_values
 from .transformer import MLP, Transformer
 from .encoders import TemporalEncoder
 from .losses import build_criterion  # noqa: F401  (re-exported: train.py/test.py import it from here)
@@ -81,25 +82,10 @@ class MaDeConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MaDeConfig":
-        return cls(
-            d_model=args.dim_input, video_pe_len=args.video_attention_seqlen,
-            agg_module=args.agg_module, video_depth=args.video_transformer_depth,
-            music_depth=args.audio_transformer_depth, temporal_heads=args.SA_temporal_heads,
-            temporal_dropout=args.temporal_dropout, residual_from_input=bool(args.residual_from_input),
-            with_cls_token=bool(args.with_cls_token), act_after_proj=bool(args.with_act_after_proj),
-            share_temporal=bool(args.transformer_is_share), vmr_fusion=args.vmr_fusion,
-            vmr_loss=args.vmr_loss, fusion_mask=bool(args.fusion_mask),
-            temperature_init=args.temperature_init_value, mml_localization=args.mml_localization,
-            moment_query_type=args.moment_query_type, num_queries=args.num_moment_queries,
-            predict_center=bool(args.predict_center), max_m_duration=args.max_m_duration,
-            detr_nheads=args.detr_nheads, detr_ffn=args.detr_dim_feedforward,
-            detr_dropout=args.detr_dropout, enc_layers=args.detr_enc_layers, dec_layers=args.detr_dec_layers,
-            pre_norm=bool(args.detr_pre_norm),
-            # The original never passes --decoder_SA to its decoder layers (music_detr/transformer.py).
-            decoder_self_attn=not (args.decoder_SA_fix and not args.decoder_SA),
-            aux_loss=bool(args.aux_loss), contrastive_align=bool(args.contrastive_align_loss),
-            contrastive_dim=args.contrastive_dim, separate_positions=bool(args.separate_positions),
-            moment_head=args.moment_head, stride=float(args.stride), foreground=0 if args.fb_label == "01" else 1)
+        """The configuration of parsed flags, through model/config_flags.py's table."""
+        defaults = cls()
+        # Converted to each field's type: the 0/1 flags become bools, --stride a float.
+        return cls(**{name: type(getattr(defaults, name))(value) for name, value in config_values(args).items()})
 
     def replace(self, **changes) -> "MaDeConfig":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -325,22 +311,20 @@ class MaDe(nn.Module):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, args: argparse.Namespace) -> list[dict]:
-        """The original's three Adam groups: temporal, matching, detection (train-MaDe.py).
+        """The original's three Adam groups (train-MaDe.py, prep_optimizer): temporal, matching, detection.
 
         decoder_query_embed is in no group (never updated) unless --train_query_pos 1.
         """
-        matching_lr = getattr(args, "matching_lr", 3e-4)
-        detection_lr = getattr(args, "detection_lr", 3e-4)
         temporal = _unique(list(self.video_encoder.parameters()) + list(self.music_encoder.parameters()))
         matching = (list(self.xpool.parameters()) if self.xpool is not None else []) + [self.logit_scale]
         detection = [p for name, p in self.named_parameters()
                      if not name.startswith(("video_encoder.", "music_encoder.", "xpool.", "logit_scale",
                                              "decoder_query_embed."))]
-        if getattr(args, "train_query_pos", 0) and hasattr(self, "decoder_query_embed"):
+        if args.train_query_pos and hasattr(self, "decoder_query_embed"):
             detection.append(self.decoder_query_embed.weight)
-        return [{"name": "temporal", "params": temporal, "lr": matching_lr},
-                {"name": "matching", "params": matching, "lr": matching_lr},
-                {"name": "detection", "params": detection, "lr": detection_lr}]
+        return [{"name": "temporal", "params": temporal, "lr": args.matching_lr},
+                {"name": "matching", "params": matching, "lr": args.matching_lr},
+                {"name": "detection", "params": detection, "lr": args.detection_lr}]
 
 
 def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:

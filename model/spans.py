@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config_flags import FOREGROUND
+
 
 def span_cw_to_se(cw: Tensor) -> Tensor:
     """(center, width) -> (start, end), last dim of size 2."""
@@ -57,8 +59,8 @@ def generalized_temporal_iou(spans1: Tensor, spans2: Tensor) -> Tensor:
 
 
 def foreground_index(args: Any) -> int:
-    # fb_label "01": class 0 = foreground (the original's default), "10": class 1.
-    return 0 if getattr(args, "fb_label", "01") == "01" else 1
+    """The class index of "foreground" in pred_logits for parsed flags (--fb_label)."""
+    return FOREGROUND[args.fb_label]
 
 
 def top_moment(detection: dict, fg_index: int) -> tuple[torch.Tensor, torch.Tensor]:

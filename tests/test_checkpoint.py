@@ -1,5 +1,5 @@
 """Checkpoint files: atomic writes under crashes, clear errors for unusable files, resume look-up,
-and the run-folder rules."""
+the settings a checkpoint carries, and the run-folder rules."""
 from __future__ import annotations
 
 import io
@@ -14,8 +14,9 @@ import torch
 from cli_helpers import TINY_MODEL, start_cli
 
 from model.made import build_model
-from utils.train.checkpoint import (LAST_NAME, CheckpointError, load_checkpoint, load_model_weights,
-                                    load_resume_checkpoint, resume_checkpoint_path, save_checkpoint)
+from utils.train.checkpoint import (LAST_NAME, CheckpointError, adopt_checkpoint_config, load_checkpoint,
+                                    load_model_weights, load_resume_checkpoint, resume_checkpoint_path,
+                                    save_checkpoint)
 from utils.train.options import parse_args
 from utils.train.preflight import (ConfigError, RunDirError, check_new_run_dir, given_flags, resume_settings,
                                    set_aside_previous_run)
@@ -185,6 +186,21 @@ def test_resume_settings_come_from_the_run(tiny) -> None:
     with pytest.raises(ConfigError) as info:
         resume_settings(parse_args(argv), saved, given_flags(argv), "RUN")
     assert "--seed 8 (the run used 7)" in str(info.value) and "--dim_input 64 (the run used 32)" in str(info.value)
+
+
+def test_adopted_settings_come_from_the_checkpoint_or_the_parser(tiny) -> None:
+    """test.py / the grounding tools: a checkpoint's settings replace the command line's; one an older
+    checkpoint lacks is the parser's default; the authors' files (no configuration) keep the command line."""
+    args, _ = tiny
+    saved = {**vars(args), "dim_input": 48, "moment_head": "detr"}
+    del saved["separate_positions"]  # as in a checkpoint written before the flag existed
+    cli = parse_args(["--separate_positions", "1", "--moment_head", "boundary", "--eval_chunk", "7"], mode="test")
+    changed = adopt_checkpoint_config(cli, {"config": saved})
+    assert (cli.dim_input, cli.moment_head, cli.separate_positions) == (48, "detr", 0)
+    assert cli.eval_chunk == 7  # not a model setting: the command line's
+    assert any(c.startswith("separate_positions=0") and "not in the checkpoint" in c for c in changed), changed
+    authors = parse_args(["--separate_positions", "1"], mode="test")
+    assert adopt_checkpoint_config(authors, {"config": {}}) == [] and authors.separate_positions == 1
 
 
 def test_run_folder_rules(tmp_path: Path) -> None:

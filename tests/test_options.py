@@ -94,6 +94,8 @@ REJECTED = [
     (["--max_v_frames", "300"], "video positional table"),
     (["--moment_query_type", "xpool", "--vmr_fusion", "NO", "--vmr_loss", "dual"], "XA-music"),
     (["--with_cls_token", "1", "--agg_module", "None"], "cls_token"),
+    (["--no-do_train"], "train.py always trains"),
+    (["--metrics_json", "m.json", "--no-do_eval"], "needs --do_eval"),
 ]
 
 
@@ -101,6 +103,14 @@ REJECTED = [
 def test_rejected_with_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [(["--do_train"], "only evaluates"), (["--no-do_eval"], "always evaluates")])
+def test_test_mode_refuses_what_it_would_ignore(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, mode="test")
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 

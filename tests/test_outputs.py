@@ -23,7 +23,7 @@ from cli_helpers import (CPU, TINY_MODEL, assert_clean_failure, demo_paths, outp
                          tiny_checkpoint, train_args)
 
 from utils.io import WriteError, atomic_write_json
-from utils.train.checkpoint import LAST_NAME, jsonable_config, save_checkpoint
+from utils.train.checkpoint import LAST_NAME, save_checkpoint
 from utils.train.options import parse_args
 
 EARLY_STOP = ("R1", "R5", "mIoU", "R1_iou0.5", "R1_iou0.7")

@@ -25,7 +25,8 @@ def trained(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     demo = demo_paths(demo_data)
     train = subset_csv(demo["train"], root / "train_data.csv", 48)
     val = subset_csv(demo["val"], root / "val_data.csv", 20)
-    proc = run_cli("train.py", train_args(train, val, demo["features"], root / "runs", 2))
+    proc = run_cli("train.py", train_args(train, val, demo["features"], root / "runs", 2,
+                                          "--metrics_json", root / "train_metrics.json"))
     assert proc.returncode == 0, output(proc)[-3000:]
     run_dir = only_run_dir(root / "runs")
     return {"root": root, "run": run_dir, "val": val, "features": demo["features"], "state": read_state(run_dir)}
@@ -84,6 +85,13 @@ def test_run_folder_contents(trained: dict) -> None:
     assert [e.step for e in events.Scalars("eval/R1_epoch")] == [1, 2]
     assert [e.value for e in events.Scalars("eval/R1_epoch")] == pytest.approx(
         [r["val"]["R1"] for r in trained["state"]["history"]])
+
+
+def test_train_metrics_json_is_the_last_validation(trained: dict) -> None:
+    """train.py --metrics_json: the last epoch's validation metrics, as test.py writes them for one checkpoint."""
+    got = json.loads((trained["root"] / "train_metrics.json").read_text())
+    assert list(got)[:len(METRIC_KEYS)] == METRIC_KEYS
+    assert got == trained["state"]["history"][-1]["val"]
 
 
 def test_test_best_reproduces_the_logged_validation(trained: dict) -> None:

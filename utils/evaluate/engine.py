@@ -158,7 +158,7 @@ def evaluate_collected(model: torch.nn.Module, c: Collected, args: Any,
     `watch` gets the MsG scoring ("score") and the ranking and IoUs ("metrics")."""
     watch = watch if watch is not None else Stopwatch()
     with watch.phase("score"):
-        scores = msg_scores(model, c, getattr(args, "eval_chunk", 0))
+        scores = msg_scores(model, c, args.eval_chunk)
         scores_np = scores.double().cpu().numpy()
     with watch.phase("metrics"):
         rank0 = M.gt_ranks(scores_np, c.unique_music_ids, c.music_ids)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.data.constants import MAX_M_DURATION
 from utils.device import resolve_device
 from utils.train.checkpoint import adopt_checkpoint_config, load_checkpoint, load_model_weights, unwrap
 
@@ -30,15 +29,15 @@ class GroundingModel:
 
     @property
     def num_frames(self) -> int:
-        return int(getattr(self.args, "max_v_frames", 50))
+        return int(self.args.max_v_frames)
 
     @property
     def max_m_duration(self) -> float:
-        return float(getattr(self.args, "max_m_duration", MAX_M_DURATION))
+        return float(self.args.max_m_duration)
 
     @property
     def stride(self) -> float:
-        return float(getattr(self.args, "stride", 2.5))
+        return float(self.args.stride)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

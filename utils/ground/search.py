@@ -190,7 +190,7 @@ def detect_pairs(gm: GroundingModel, library: MusicLibrary, Fv: torch.Tensor, fr
     if head is not None and (library.tracks.head_keys is None or frame_feats is None):
         raise GroundingError(f"{library.path}: a --moment_head boundary model needs an index with its music "
                              "keys and the query's frames: rebuild the index with scripts/build_music_index.py")
-    if getattr(gm.model.cfg, "moment_query_type", "video") == "xpool":
+    if gm.model.cfg.moment_query_type == "xpool":
         raise GroundingError("--moment_query_type xpool depends on the other videos of a batch; "
                              "the grounding tools support the paper's 'video' (and music/zero) queries")
     fg = foreground_index(gm.args)

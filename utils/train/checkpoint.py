@@ -192,17 +192,26 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str | os.PathL
 
 
 def adopt_checkpoint_config(args: Any, state: dict) -> list[str]:
-    """Take the model-defining settings from the checkpoint, so a checkpoint evaluates as it was trained.
+    """Take the model-defining settings (MODEL_KEYS) from the checkpoint, so a checkpoint evaluates as it was
+    trained. `args` comes from utils.train.options.parse_args.
 
-    Authors' checkpoints carry no configuration: the command line (paper defaults) applies.
+    A setting an older checkpoint of ours lacks (its flag was added later) takes the parser's default,
+    which is the behaviour from before that flag; this is the one place that fills it in. The authors'
+    checkpoints carry no configuration: the command line (paper defaults) applies.
     Shared by test.py and utils/ground/grounding.py (the inference tools), so both build the same model.
     Returns one "key=value (command line: ...)" string per setting that changed.
     """
-    from utils.train.options import MODEL_KEYS  # local import: reading a checkpoint should not need the parser
+    # Local import: reading a checkpoint should not need the parser.
+    from utils.train.options import MODEL_KEYS, parser_defaults
     cfg = state.get("config") or {}
+    if not cfg:
+        return []
+    defaults = parser_defaults(args.mode)
     changed = []
     for key in MODEL_KEYS:
-        if key in cfg and hasattr(args, key) and getattr(args, key) != cfg[key]:
-            changed.append(f"{key}={cfg[key]!r} (command line: {getattr(args, key)!r})")
-            setattr(args, key, cfg[key])
+        value = cfg.get(key, defaults[key])
+        if getattr(args, key) != value:
+            origin = "" if key in cfg else ", not in the checkpoint: the default"
+            changed.append(f"{key}={value!r} (command line: {getattr(args, key)!r}{origin})")
+            setattr(args, key, value)
     return changed

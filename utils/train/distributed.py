@@ -171,8 +171,7 @@ def has_unused_parameters(args: Any) -> bool:
     them every step): the regression head never runs the DETR decoder, and --decoder_SA_fix 1
     without --decoder_SA keeps the decoder's self-attention weights but skips them.
     tests/test_distributed.py checks this rule against real backward passes."""
-    return (getattr(args, "mml_localization", "detr") == "regression"
-            or bool(getattr(args, "decoder_SA_fix", 0) and not getattr(args, "decoder_SA", 0)))
+    return args.mml_localization == "regression" or bool(args.decoder_SA_fix and not args.decoder_SA)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

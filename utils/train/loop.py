@@ -85,6 +85,11 @@ def optimization_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, max_
     optimizer.zero_grad(set_to_none=True)
 
 
+def log_interval(num_steps: int, num_display: int) -> int:
+    """Steps between progress lines and TensorBoard points: about --num_display per epoch."""
+    return max(1, math.ceil(num_steps / max(1, num_display)))
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: Iterable,
                     optimizer: torch.optim.Optimizer, scheduler, device: torch.device, epoch: int,
                     args: Any, scalars: Scalars, global_step: int, show_progress: bool = True,
@@ -97,7 +102,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
     epoch_means, interval_means = RunningMeans(), RunningMeans()
     pred_se, gt_se, m_dur = [], [], []
     num_steps = len(loader) if max_steps is None else min(max_steps, len(loader))
-    log_every = max(1, math.ceil(num_steps / max(1, args.num_display)))
+    log_every = log_interval(num_steps, args.num_display)
     scaler = grad_scaler(args.amp, device)
     bar = tqdm(loader, total=num_steps, desc=f"train {epoch}", disable=not show_progress, leave=False,
                dynamic_ncols=True)

@@ -1,13 +1,16 @@
 """The one command-line definition shared by train.py and test.py.
 
-Flag names are the original's (reference section 8). Defaults are the values of the
-authors' shell scripts (scripts/{train,test}_kuai_all_feature.sh), i.e. the paper
-configuration, not the original argparse defaults (which differ materially, reference
-7.18). Derived fields are filled in like the original's parse_option, and every choice
-that crashes in the original or is not reproduced here is rejected by the parser with a
-message that says why (reference 7.19).
+Flag names are those of the authors' train-MaDe.py (xxayt/MGSV, parse_option), so their
+scripts run unchanged. Defaults are the values of the authors' shell scripts
+(scripts/{train,test}_kuai_all_feature.sh), i.e. the paper configuration, not the original
+argparse defaults (which differ materially: e.g. --max_v_frames 30, --mml_fusion CA,
+--detr_enc_layers 0, --ret_loss_weight 3.0, --loc_loss_weight 0.2 there). Derived fields are
+filled in like the original's parse_option, and every choice that crashes in the original or
+is not reproduced here is rejected by the parser with a message that says why.
 
-Fidelity-fix flags (default = the original's behaviour) are listed in model/DIFFERENCES.md.
+Flags that change nothing (in train.py, test.py or both) are listed together in --help under
+COMPAT_TITLE. Fidelity-fix flags (default = the original's behaviour) are listed in
+model/DIFFERENCES.md.
 """
 from __future__ import annotations
 
@@ -16,23 +19,21 @@ import math
 import os
 from collections.abc import Sequence
 
+from model.config_flags import model_flags
+from utils.data.constants import MAX_M_DURATION, MUSIC_DIRS, VIDEO_DIR
+
 MODES = ("train", "test")
-STRIDE_DIRS = {2.5: "ast_feature2p5", 5.0: "ast_feature5", 7.5: "ast_feature7p5", 10.0: "ast_feature10"}
 MUSIC_PE_LEN = 300  # length of the music sinusoid table, hard-coded in the original
 
-# Settings a checkpoint carries (model architecture, test-time scoring, losses): the
-# inference tools take them from the checkpoint rather than from the command line.
+# Settings a checkpoint carries and the inference tools take from it rather than from the command
+# line (utils/train/checkpoint.adopt_checkpoint_config): the model's, as named in
+# model/config_flags.py, then the losses' and the optimiser's that shape the trained weights, and
+# the original's flags that accept only their one working value (recorded with the run).
 MODEL_KEYS = (
-    "dim_input", "video_attention_seqlen", "video_transformer_depth", "audio_transformer_depth",
-    "with_cls_token", "with_act_after_proj", "transformer_is_share", "SA_temporal_heads", "agg_module",
-    "video_encoder_type", "audio_encoder_type", "temperature_init_value",
-    "vmr_fusion", "vmr_loss", "dual_single_loss_weight", "fusion_mask", "mml_fusion", "mml_localization",
-    "moment_query_type", "span_loss_type", "fb_label", "detr_dropout", "detr_nheads", "detr_dim_feedforward",
-    "detr_enc_layers", "detr_dec_layers", "detr_pre_norm", "num_moment_queries", "decoder_SA",
-    "predict_center", "l1_loss", "aux_loss", "contrastive_align_loss", "moment_loss", "audio_short_cut",
-    "contrastive_dim", "position_embedding", "ret_loss_weight", "loc_loss_weight", "max_m_duration", "stride",
-    "temporal_dropout", "residual_from_input", "separate_positions", "decoder_SA_fix", "mask_same_music",
-    "train_query_pos", "moment_head",
+    *model_flags(),
+    "ret_loss_weight", "loc_loss_weight", "dual_single_loss_weight", "mask_same_music", "train_query_pos",
+    "video_encoder_type", "audio_encoder_type", "mml_fusion", "span_loss_type", "l1_loss", "moment_loss",
+    "audio_short_cut", "position_embedding",
 )
 
 
@@ -109,156 +110,205 @@ def _number(text: str, kind: type):
 
 
 # ------------------------------------------------------------------ parser
+COMPAT_TITLE = "accepted for compatibility with the original scripts; no effect"
+COMPAT_DESCRIPTION = {
+    "train": ("Flags of the authors' train-MaDe.py (xxayt/MGSV) that change nothing in this code, kept so their "
+              "command lines run unchanged. A value this code cannot honour is refused, with the reason."),
+    "test": ("test.py also accepts these, as the authors' test script passes training flags to test-MaDe.py; "
+             "they change nothing in an evaluation. A value this code cannot honour is refused, with the reason."),
+}
+
+
 def get_parser(mode: str = "train") -> argparse.ArgumentParser:
-    """All flags of the original (section 8) plus this project's; `mode` is "train" or "test"."""
+    """All flags of the original plus this project's; `mode` is "train" or "test".
+
+    A flag that changes nothing in `mode` is listed in the COMPAT_TITLE group (last in --help);
+    every other flag reaches the model, the losses, the optimiser, the data or the outputs
+    (tests/test_flags.py checks this for every flag)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     train = mode == "train"
     p = argparse.ArgumentParser(
         description=f"MaDe {mode} (MGSV). Defaults reproduce the paper configuration.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compat: list[tuple[tuple[str, ...], dict]] = []  # added last, as one group
+
+    def add(group, *names: str, where: tuple[str, ...] = MODES, elsewhere: str = "", **kw) -> None:
+        """A flag with an effect in the modes `where`; in the other mode a compatibility flag (help: elsewhere)."""
+        if mode in where:
+            group.add_argument(*names, **kw)
+        else:
+            compat.append((names, {**kw, "help": elsewhere or f"({where[0]}.py only)"}))
+
+    def unused(*names: str, why: str, **kw) -> None:
+        """A flag of the original with no effect in either mode."""
+        compat.append((names, {**kw, "help": why}))
 
     g = p.add_argument_group("base")
-    g.add_argument("--name", default="MaDe", help="run name (output folder <output_dir>/<train_data>/<MMDD>+<name>)")
-    g.add_argument("--output_dir", default="./logs")
-    g.add_argument("--load_uni_model_path", default="",
-                   help="checkpoint file (ours or the authors') or training folder to evaluate")
-    g.add_argument("--resume_path", default=None, help="(original flag, load-only; unused here: see --resume)")
+    add(g, "--name", default="MaDe",
+        help="run name: train.py's folder <output_dir>/<train_data>/<MMDD>+<name>, test.py's log file name")
+    add(g, "--output_dir", default="./logs",
+        help="train.py: where run folders go; test.py: where logs go when the checkpoint's folder is read-only")
+    add(g, "--load_uni_model_path", where=("test",), default="",
+        help="checkpoint file (ours or the authors') or training folder to evaluate")
+    unused("--resume_path", default=None, why="(unused in the original too; see --resume)")
 
     g = p.add_argument_group("data")
-    for name in ("data", "train_data", "val_data", "test_data"):
-        g.add_argument(f"--{name}", default="kuai50k", help="dataset key ('_uni' is appended, as the original)")
-    g.add_argument("--train_csv", default="./dataset/MGSV-EC/train_data.csv")
-    g.add_argument("--val_csv", default="./dataset/MGSV-EC/val_data.csv")
-    g.add_argument("--test_csv", default="./dataset/MGSV-EC/test_data.csv")
-    g.add_argument("--image_resolution", type=positive_int, default=224, help="(unused in feature mode)")
-    g.add_argument("--max_v_frames", type=positive_int, default=50, help="frame slots per video")
-    g.add_argument("--max_m_duration", type=positive_float, default=240.0,
-                   help="seconds; spans are normalised by it and snippets = max_m_duration / stride")
-    g.add_argument("--stride", type=float, default=2.5, help="seconds between music windows: 2.5, 5, 7.5 or 10")
-    g.add_argument("--filter", type=positive_float, default=10.0, help="music window length, seconds (raw path only)")
-    g.add_argument("--padding", type=nonneg_float, default=0.0, help="window margin, seconds (raw path only)")
-    g.add_argument("--toph_moment", type=positive_int, default=1, help="moments kept per video")
-    g.add_argument("--gt_moment_num", type=positive_int, default=1, help="(unused, as in the original)")
-    g.add_argument("--skip_bad_rows", action="store_true", help="skip malformed CSV rows instead of stopping")
-    g.add_argument("--use_packed", type=flag01, default=1, help="use the packed feature store when present")
+    unused("--data", default="kuai50k", why="(unused in the original too)")
+    add(g, "--train_data", where=("train",), default="kuai50k",
+        help="dataset key: run folders go under <output_dir>/<train_data>_uni ('_uni' appended, as the original)")
+    unused("--val_data", default="kuai50k", why="(unused in the original too)")
+    add(g, "--test_data", where=("test",), default="kuai50k",
+        help="dataset key in the log folder's name, <test_data>_uni-<split> ('_uni' appended, as the original)")
+    add(g, "--train_csv", where=("train",), default="./dataset/MGSV-EC/train_data.csv")
+    add(g, "--val_csv", where=("train",), default="./dataset/MGSV-EC/val_data.csv")
+    add(g, "--test_csv", where=("test",), default="./dataset/MGSV-EC/test_data.csv")
+    unused("--image_resolution", type=positive_int, default=224, why="(raw frames only; this code reads features)")
+    add(g, "--max_v_frames", type=positive_int, default=50, help="frame slots per video")
+    add(g, "--max_m_duration", type=positive_float, default=MAX_M_DURATION,
+        help="seconds; spans are normalised by it and snippets = max_m_duration / stride")
+    add(g, "--stride", type=float, default=2.5, help="seconds between music windows: 2.5, 5, 7.5 or 10")
+    unused("--filter", type=positive_float, default=10.0,
+           why="(music window length of the raw-audio path; the features are already windowed)")
+    unused("--padding", type=nonneg_float, default=0.0,
+           why="(music window margin of the raw-audio path; the features are already windowed)")
+    unused("--toph_moment", type=positive_int, default=1, why="(one moment is predicted per video)")
+    unused("--gt_moment_num", type=positive_int, default=1, why="(unused in the original too)")
+    add(g, "--skip_bad_rows", action="store_true", help="skip malformed CSV rows instead of stopping")
+    add(g, "--use_packed", type=flag01, default=1, help="use the packed feature store when present")
 
     g = p.add_argument_group("model")
-    g.add_argument("--backbone_type", default="transf+detr", choices=["baseline", "transf+detr"], help="(unused)")
-    g.add_argument("--dim_input", type=positive_int, default=256, help="model width d")
-    g.add_argument("--frozen_feature_path", default="./features/Kuai_feature")
-    g.add_argument("--video_encoder_type", default="ViT", choices=["ViT", "ViViT"])
-    g.add_argument("--audio_encoder_type", default="AST", choices=["MERT", "AST", "DeepSim"])
-    g.add_argument("--temperature_init_value", type=positive_float, default=0.03,
-                   help="initial InfoNCE temperature (logit scale = ln(1/T), learnable)")
+    unused("--backbone_type", default="transf+detr", choices=["baseline", "transf+detr"],
+           why="(unused in the original too)")
+    add(g, "--dim_input", type=positive_int, default=256, help="model width d")
+    add(g, "--frozen_feature_path", default="./features/Kuai_feature")
+    unused("--video_encoder_type", default="ViT", choices=["ViT", "ViViT"],
+           why="(only ViT features exist; other values are refused)")
+    unused("--audio_encoder_type", default="AST", choices=["MERT", "AST", "DeepSim"],
+           why="(only AST features exist; other values are refused)")
+    add(g, "--temperature_init_value", type=positive_float, default=0.03,
+        help="initial InfoNCE temperature (logit scale = ln(1/T), learnable)")
 
     g = p.add_argument_group("temporal encoders")
-    g.add_argument("--video_attention_seqlen", type=positive_int, default=250, help="video positional table length")
-    g.add_argument("--video_transformer_depth", type=nonneg_int, default=1)
-    g.add_argument("--audio_transformer_depth", type=nonneg_int, default=1)
-    g.add_argument("--with_cls_token", type=flag01, default=0)
-    g.add_argument("--with_last_token", type=flag01, default=0, help="(no effect, as in the original)")
-    g.add_argument("--with_act_after_proj", type=flag01, default=0, help="QuickGELU after the input projection")
-    g.add_argument("--transformer_is_share", type=flag01, default=0, help="one temporal transformer for both")
-    g.add_argument("--projection_is_share", type=flag01, default=0, help="(unused, as in the original)")
-    g.add_argument("--SA_temporal_heads", type=positive_int, default=8)
-    g.add_argument("--agg_module", default="transf", choices=["None", "transf", "mlp"])
-    g.add_argument("--downup_is_share", type=flag01, default=0, help="(unused, as in the original)")
-    g.add_argument("--downup_dim", type=positive_int, default=64, help="(unused, as in the original)")
+    add(g, "--video_attention_seqlen", type=positive_int, default=250, help="video positional table length")
+    add(g, "--video_transformer_depth", type=nonneg_int, default=1)
+    add(g, "--audio_transformer_depth", type=nonneg_int, default=1)
+    add(g, "--with_cls_token", type=flag01, default=0)
+    unused("--with_last_token", type=flag01, default=0, why="(no effect in the original either)")
+    add(g, "--with_act_after_proj", type=flag01, default=0, help="QuickGELU after the input projection")
+    add(g, "--transformer_is_share", type=flag01, default=0, help="one temporal transformer for both")
+    unused("--projection_is_share", type=flag01, default=0, why="(unused in the original too)")
+    add(g, "--SA_temporal_heads", type=positive_int, default=8)
+    add(g, "--agg_module", default="transf", choices=["None", "transf", "mlp"])
+    unused("--downup_is_share", type=flag01, default=0, why="(unused in the original too)")
+    unused("--downup_dim", type=positive_int, default=64, why="(unused in the original too)")
 
     g = p.add_argument_group("retrieval")
-    g.add_argument("--vmr_fusion", default="XA-music",
-                   choices=["NO", "XA", "XA-video", "XA-music", "XA-video-music", "XA-music-video"])
-    g.add_argument("--vmr_loss", default="dual_single_loss_fuse",
-                   choices=["dual", "single", "dual_single", "dual_single_oneloss", "dual_single_sim_fuse",
-                            "dual_single_loss_fuse", "dual_single_feature_fuse"])
-    g.add_argument("--dual_single_loss_weight", type=nonneg_float, default=1.0,
-                   help="retrieval loss weight (ignored by dual_single_loss_fuse, as in the original)")
-    g.add_argument("--fusion_mask", type=flag01, default=1, help="mask padded snippets in X-Pool")
-    g.add_argument("--distance_type", default="COS", choices=["COS", "L2"])
+    add(g, "--vmr_fusion", default="XA-music",
+        choices=["NO", "XA", "XA-video", "XA-music", "XA-video-music", "XA-music-video"])
+    add(g, "--vmr_loss", default="dual_single_loss_fuse",
+        choices=["dual", "single", "dual_single", "dual_single_oneloss", "dual_single_sim_fuse",
+                 "dual_single_loss_fuse", "dual_single_feature_fuse"])
+    add(g, "--dual_single_loss_weight", where=("train",), type=nonneg_float, default=1.0,
+        help="retrieval loss weight (ignored by dual_single_loss_fuse, as in the original)")
+    add(g, "--fusion_mask", type=flag01, default=1, help="mask padded snippets in X-Pool")
+    unused("--distance_type", default="COS", choices=["COS", "L2"],
+           why="(only COS; L2 is refused: the original ranks L2 distances in the wrong order)")
 
     g = p.add_argument_group("moment detection")
-    g.add_argument("--mml_fusion", default="concat", choices=["CA", "concat", "add"])
-    g.add_argument("--mml_localization", default="detr", choices=["detr", "regression"])
-    g.add_argument("--moment_head", default="detr", choices=["detr", "boundary"],
-                   help="moment detector: the paper's DETR, or 'boundary' (not in the paper): start logits over "
-                        "the music snippets from frame-snippet alignment + the music alone, trained with "
-                        "cross-entropy; end = start + video length (model/boundary_head.py)")
-    g.add_argument("--hidden_dim", type=positive_int, default=256, help="(overwritten by --dim_input)")
-    g.add_argument("--moment_query_type", default="video", choices=["video", "xpool", "music", "random", "zero"])
-    g.add_argument("--span_loss_type", default="l1", choices=["l1", "ce"])
-    g.add_argument("--fb_label", default="01", choices=["01", "10"], help="01: class 0 is foreground")
-    g.add_argument("--detr_hidden_dim", type=positive_int, default=256, help="(overwritten by --dim_input)")
-    g.add_argument("--detr_dropout", type=probability, default=0.1)
-    g.add_argument("--detr_nheads", type=positive_int, default=8)
-    g.add_argument("--detr_dim_feedforward", type=positive_int, default=1024)
-    g.add_argument("--detr_enc_layers", type=nonneg_int, default=2)
-    g.add_argument("--detr_dec_layers", type=positive_int, default=6)
-    g.add_argument("--detr_pre_norm", type=flag01, default=0, help="0/1 (the original's type=bool is fixed)")
-    g.add_argument("--num_moment_queries", type=positive_int, default=1)
-    g.add_argument("--decoder_SA", type=flag01, default=0,
-                   help="decoder self-attention; only a parse-time check in the original (see --decoder_SA_fix)")
-    g.add_argument("--predict_center", type=flag01, default=0, help="predict the centre only; width = video length")
-    g.add_argument("--reg_mlp_num_layers", type=positive_int, default=3, help="(unused, as in the original)")
+    unused("--mml_fusion", default="concat", choices=["CA", "concat", "add"],
+           why="(only concat is implemented; other values are refused)")
+    add(g, "--mml_localization", default="detr", choices=["detr", "regression"])
+    add(g, "--moment_head", default="detr", choices=["detr", "boundary"],
+        help="moment detector: the paper's DETR, or 'boundary' (not in the paper): start logits over "
+             "the music snippets from frame-snippet alignment + the music alone, trained with "
+             "cross-entropy; end = start + video length (model/boundary_head.py)")
+    unused("--hidden_dim", type=positive_int, default=256, why="(set to --dim_input, as in the original)")
+    add(g, "--moment_query_type", default="video", choices=["video", "xpool", "music", "random", "zero"])
+    unused("--span_loss_type", default="l1", choices=["l1", "ce"],
+           why="(only l1; ce is refused: it crashes in the original's matcher)")
+    add(g, "--fb_label", default="01", choices=["01", "10"], help="01: class 0 is foreground")
+    unused("--detr_hidden_dim", type=positive_int, default=256, why="(set to --dim_input, as in the original)")
+    add(g, "--detr_dropout", type=probability, default=0.1)
+    add(g, "--detr_nheads", type=positive_int, default=8)
+    add(g, "--detr_dim_feedforward", type=positive_int, default=1024)
+    add(g, "--detr_enc_layers", type=nonneg_int, default=2)
+    add(g, "--detr_dec_layers", type=positive_int, default=6)
+    add(g, "--detr_pre_norm", type=flag01, default=0, help="0/1 (the original's type=bool is fixed)")
+    add(g, "--num_moment_queries", type=positive_int, default=1)
+    add(g, "--decoder_SA", type=flag01, default=0,
+        help="decoder self-attention; with --decoder_SA_fix 0 (the original) only a parse-time check: "
+             "--num_moment_queries > 1 needs it")
+    add(g, "--predict_center", type=flag01, default=0, help="predict the centre only; width = video length")
+    unused("--reg_mlp_num_layers", type=positive_int, default=3, why="(unused in the original too)")
 
     g = p.add_argument_group("losses")
-    g.add_argument("--l1_loss", type=flag01, default=1)
-    g.add_argument("--aux_loss", type=flag01, default=1, help="losses on every decoder layer")
-    g.add_argument("--contrastive_align_loss", type=flag01, default=1)
-    g.add_argument("--moment_loss", type=flag01, default=0)
-    g.add_argument("--audio_short_cut", type=flag01, default=0)
-    g.add_argument("--contrastive_dim", type=positive_int, default=256)
-    g.add_argument("--position_embedding", default="sine", choices=["sine", "learned"])
-    g.add_argument("--input_dropout", type=probability, default=0.5, help="(unused, as in the original)")
-    g.add_argument("--ret_loss_weight", type=nonneg_float, default=1.0)
-    g.add_argument("--loc_loss_weight", type=nonneg_float, default=1.0)
-    g.add_argument("--ignore_same_music", type=flag01, default=1,
-                   help="(no effect, as in the original; see --mask_same_music)")
+    unused("--l1_loss", type=flag01, default=1,
+           why="(only 1; 0 is refused: the span losses are the detector's training signal)")
+    add(g, "--aux_loss", type=flag01, default=1, help="losses on every decoder layer")
+    add(g, "--contrastive_align_loss", type=flag01, default=1)
+    unused("--moment_loss", type=flag01, default=0, why="(only 0; 1 is refused)")
+    unused("--audio_short_cut", type=flag01, default=0, why="(only 0; 1 is refused)")
+    add(g, "--contrastive_dim", type=positive_int, default=256)
+    unused("--position_embedding", default="sine", choices=["sine", "learned"],
+           why="(only sine; learned is refused: it raises in the original)")
+    unused("--input_dropout", type=probability, default=0.5, why="(unused in the original too)")
+    add(g, "--ret_loss_weight", where=("train",), type=nonneg_float, default=1.0)
+    add(g, "--loc_loss_weight", where=("train",), type=nonneg_float, default=1.0)
+    unused("--ignore_same_music", type=flag01, default=1,
+           why="(no effect in the original either; see --mask_same_music)")
 
     g = p.add_argument_group("fidelity fixes (default: the original's behaviour; see model/DIFFERENCES.md)")
-    g.add_argument("--train_query_pos", type=flag01, default=0,
-                   help="1: optimise the decoder's positional query (frozen at its random init in the original)")
-    g.add_argument("--decoder_SA_fix", type=flag01, default=0,
-                   help="1: honour --decoder_SA (the original always runs decoder self-attention)")
-    g.add_argument("--temporal_dropout", type=probability, default=0.8,
-                   help="dropout of the temporal self-attention layers (0.8 in the original)")
-    g.add_argument("--residual_from_input", type=flag01, default=0,
-                   help="1: standard pre-norm residuals in the temporal layers (original: from the normalised input)")
-    g.add_argument("--separate_positions", type=flag01, default=0,
-                   help="1: DETR sine positions per modality (original: over the concatenated mask)")
-    g.add_argument("--mask_same_music", type=flag01, default=0,
-                   help="1: other videos of the same track are not negatives in the retrieval loss")
+    add(g, "--train_query_pos", where=("train",), type=flag01, default=0,
+        help="1: optimise the decoder's positional query (frozen at its random init in the original)")
+    add(g, "--decoder_SA_fix", type=flag01, default=0,
+        help="1: honour --decoder_SA (the original always runs decoder self-attention)")
+    add(g, "--temporal_dropout", type=probability, default=0.8,
+        help="dropout of the temporal self-attention layers (0.8 in the original)")
+    add(g, "--residual_from_input", type=flag01, default=0,
+        help="1: standard pre-norm residuals in the temporal layers (original: from the normalised input)")
+    add(g, "--separate_positions", type=flag01, default=0,
+        help="1: DETR sine positions per modality (original: over the concatenated mask)")
+    add(g, "--mask_same_music", where=("train",), type=flag01, default=0,
+        help="1: other videos of the same track are not negatives in the retrieval loss")
 
     g = p.add_argument_group("run")
-    g.add_argument("--do_train", action=argparse.BooleanOptionalAction, default=train)
-    g.add_argument("--do_eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate (train: on --val_csv every epoch)")
-    g.add_argument("--start_epoch", type=nonneg_int, default=0)
-    g.add_argument("--epochs", type=positive_int, default=100)
-    g.add_argument("--seed", type=seed_int, default=42)
-    g.add_argument("--batch_size_train", type=positive_int, default=512)
-    g.add_argument("--batch_size_val", type=positive_int, default=40)
-    g.add_argument("--num_workers", type=nonneg_int, default=32, help="data loader workers (capped at the CPU count)")
-    g.add_argument("--world_size", type=nonneg_int, default=0, help="(set from the process group)")
-    g.add_argument("--rank", type=nonneg_int, default=0, help="(set from the process group)")
-    g.add_argument("--local_rank", type=nonneg_int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (CUDA only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--overwrite", action="store_true", help="allow writing into an existing run/output folder")
-    g.add_argument("--eval_chunk", type=nonneg_int, default=0,
-                   help="videos per chunk of the exact all-pairs retrieval scoring (0 = automatic)")
-    g.add_argument("--metrics_json", default=None, help="also write the final metrics to this JSON file")
+    unused("--do_train", action=argparse.BooleanOptionalAction, default=train,
+           why="(train.py always trains, test.py never: the other value is refused)")
+    add(g, "--do_eval", where=("train",), action=argparse.BooleanOptionalAction, default=True,
+        elsewhere="(test.py always evaluates: --no-do_eval is refused)", help="validate on --val_csv every epoch (best checkpoints, early stopping)")
+    add(g, "--start_epoch", where=("train",), type=nonneg_int, default=0,
+        help="epochs already done: training starts at epoch start_epoch + 1")
+    add(g, "--epochs", where=("train",), type=positive_int, default=100)
+    add(g, "--seed", where=("train",), type=seed_int, default=42,
+        help="initial weights, data order and dropout")
+    add(g, "--batch_size_train", where=("train",), type=positive_int, default=512)
+    add(g, "--batch_size_val", type=positive_int, default=40)
+    add(g, "--num_workers", type=nonneg_int, default=32, help="data loader workers (capped at the CPU count)")
+    unused("--world_size", type=nonneg_int, default=0, why="(taken from torchrun's environment)")
+    unused("--rank", type=nonneg_int, default=0, why="(taken from torchrun's environment)")
+    unused("--local_rank", type=nonneg_int, default=int(os.environ.get("LOCAL_RANK", 0)),
+           why="(taken from torchrun's environment; torch.distributed.launch passes it)")
+    add(g, "--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add(g, "--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (CUDA only)")
+    add(g, "--compile", where=("train",), action="store_true", help="torch.compile the model")
+    add(g, "--overwrite", where=("train",), action="store_true",
+        help="train into a folder that holds a run (its files are moved into a replaced-<time> subfolder)")
+    add(g, "--eval_chunk", type=nonneg_int, default=0,
+        help="videos per chunk of the exact all-pairs retrieval scoring (0 = automatic)")
+    add(g, "--metrics_json", default=None,
+        help="also write the metrics to this JSON file (train.py: the last validation's)")
 
     g = p.add_argument_group("display")
-    g.add_argument("--num_display", type=positive_int, default=10)
-    g.add_argument("--tb_writer", type=flag01, default=1)
-    g.add_argument("--save_model", type=flag01, default=1 if train else 0)
-    g.add_argument("--save_json", type=flag01, default=0, help="write per-video predictions (test)")
+    add(g, "--num_display", where=("train",), type=positive_int, default=10, help="progress lines per epoch")
+    add(g, "--tb_writer", where=("train",), type=flag01, default=1, help="TensorBoard events in the run folder")
+    add(g, "--save_model", where=("train",), type=flag01, default=1 if train else 0,
+        help="write the best and last checkpoints")
+    add(g, "--save_json", where=("test",), type=flag01, default=0, help="write per-video predictions")
 
     if train:
         g = p.add_argument_group("optimisation")
-        g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="(unused, as in the original)")
+        unused("--gradient_accumulation_steps", type=positive_int, default=1, why="(unused in the original too)")
         g.add_argument("--matching_lr", type=positive_float, default=3e-4, help="temporal + matching groups")
         g.add_argument("--detection_lr", type=positive_float, default=3e-4)
         g.add_argument("--decay_rate", type=positive_float, default=0.9, help="exponential scheduler only")
@@ -266,7 +316,8 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
         g.add_argument("--scheduler", default="warmupcosine",
                        choices=["warmupcosine", "warmuplinear", "warmupconstant", "constant", "exponential"])
         g.add_argument("--lr_update_rate", type=positive_int, default=40,
-                       help="steps per update (forced to 1 unless exponential, as in the original)")
+                       help="steps per update of the exponential scheduler (the others update every step, "
+                            "as in the original)")
         g.add_argument("--warmup_rate", type=unit_interval, default=0.02)
         g.add_argument("--resume", default=None, help="continue a run from its pytorch_model.bin.last (or run folder)")
         g.add_argument("--feature_device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -289,22 +340,37 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
         g.add_argument("--save_json_ranking", type=nonneg_int, default=100,
                        help="tracks in each video's ranked_music_ids in the --save_json file (0 = all: what "
                             "`python -m utils.evaluate` needs to reproduce MedianR/MeanR/MRR exactly)")
+
+    g = p.add_argument_group(COMPAT_TITLE, COMPAT_DESCRIPTION[mode])
+    for names, kw in compat:
+        g.add_argument(*names, **kw)
     return p
 
 
+def compat_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Destinations of the flags in the parser's COMPAT_TITLE group."""
+    group = next(g for g in parser._action_groups if g.title == COMPAT_TITLE)
+    return {a.dest for a in group._group_actions}
+
+
+def parser_defaults(mode: str) -> dict:
+    """Every flag's default in `mode` (before _derive): the one statement of the defaults."""
+    return {a.dest: a.default for a in get_parser(mode)._actions if a.dest != "help"}
+
+
 # ------------------------------------------------------------------ validation
-def _unsupported(args: argparse.Namespace) -> list[str]:
-    """Messages for choices that crash in the original or are not reproduced here."""
+def _unsupported(args: argparse.Namespace, mode: str) -> list[str]:
+    """Messages for choices that crash in the original, are not reproduced here or would be ignored."""
     errors = []
 
     def bad(condition: bool, message: str) -> None:
         if condition:
             errors.append(message)
 
-    bad(args.stride not in STRIDE_DIRS,
+    bad(args.stride not in MUSIC_DIRS,
         f"--stride {args.stride}: must be one of 2.5, 5, 7.5, 10 (the feature folders that exist; "
         "the original raises KeyError)")
-    # Crashes of the original (reference 7.19).
+    # Crashes of the original.
     bad(args.mml_fusion == "add", "--mml_fusion add has no forward branch in the original (crash); use concat")
     bad(args.vmr_loss in ("dual_single", "dual_single_oneloss"),
         f"--vmr_loss {args.vmr_loss} raises ValueError in the original's forward; use dual_single_loss_fuse, "
@@ -351,7 +417,7 @@ def _unsupported(args: argparse.Namespace) -> list[str]:
     bad(args.agg_module == "transf" and args.max_v_frames > args.video_attention_seqlen,
         f"--max_v_frames {args.max_v_frames} exceeds the video positional table (--video_attention_seqlen "
         f"{args.video_attention_seqlen})")
-    if args.stride in STRIDE_DIRS:
+    if args.stride in MUSIC_DIRS:
         snippets = int(args.max_m_duration / args.stride)
         bad(snippets < 1, f"--max_m_duration {args.max_m_duration} is shorter than one --stride")
         bad(args.agg_module == "transf" and snippets > MUSIC_PE_LEN,
@@ -359,6 +425,14 @@ def _unsupported(args: argparse.Namespace) -> list[str]:
     bad(args.with_cls_token and args.agg_module != "transf", "--with_cls_token 1 needs --agg_module transf")
     bad(args.transformer_is_share and args.video_transformer_depth != args.audio_transformer_depth,
         "--transformer_is_share 1 needs equal video/audio transformer depths")
+    # What the script does is not a flag here: train.py trains (and validates with --do_eval),
+    # test.py evaluates.
+    bad(mode == "train" and not args.do_train,
+        "--no-do_train: train.py always trains; evaluate a checkpoint with test.py")
+    bad(mode == "test" and args.do_train, "--do_train: test.py only evaluates; train with train.py")
+    bad(mode == "test" and not args.do_eval, "--no-do_eval: test.py always evaluates")
+    bad(mode == "train" and args.metrics_json is not None and not args.do_eval,
+        "--metrics_json writes the last validation's metrics: it needs --do_eval")
     return errors
 
 
@@ -372,8 +446,8 @@ def _derive(args: argparse.Namespace) -> None:
     if "transf" not in args.agg_module:
         args.video_transformer_depth = args.audio_transformer_depth = 0
     args.hidden_dim = args.detr_hidden_dim = args.dim_input
-    args.music_frozen_feature_path = os.path.join(args.frozen_feature_path, STRIDE_DIRS[args.stride])
-    args.frame_frozen_feature_path = os.path.join(args.frozen_feature_path, "vit_feature1")
+    args.music_frozen_feature_path = os.path.join(args.frozen_feature_path, MUSIC_DIRS[args.stride])
+    args.frame_frozen_feature_path = os.path.join(args.frozen_feature_path, VIDEO_DIR)
 
 
 def parse_args(argv: Sequence[str] | None = None, mode: str = "train") -> argparse.Namespace:
@@ -381,7 +455,7 @@ def parse_args(argv: Sequence[str] | None = None, mode: str = "train") -> argpar
     parser = get_parser(mode)
     args = parser.parse_args(argv)
     args.stride = float(args.stride)
-    errors = _unsupported(args)
+    errors = _unsupported(args, mode)
     if errors:
         parser.error("\n  ".join(["unsupported option combination:"] + errors))
     _derive(args)

@@ -252,14 +252,18 @@ def evaluation_dir(checkpoint: Path, output_dir: str | os.PathLike, sub: str) ->
     always when that folder is writable, else <output_dir>/<sub> (a checkpoint in a read-only
     folder -- a shared model store, a mounted download -- must still be evaluable)."""
     from utils.io import OutputError, check_writable_dir
-    beside = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / sub
+    beside, fallback = evaluation_dirs(checkpoint, output_dir, sub)
     try:
         check_writable_dir(beside)
         return beside
     except OutputError:
-        fallback = Path(output_dir) / sub
         check_writable_dir(fallback, f"the checkpoint's folder is read-only, and --output_dir {output_dir}: folder")
         return fallback
+
+
+def evaluation_dirs(checkpoint: Path, output_dir: str | os.PathLike, sub: str) -> tuple[Path, Path]:
+    """(beside the checkpoint, under --output_dir): evaluation_dir's first and second choice."""
+    return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / sub, Path(output_dir) / sub
 
 
 def prediction_identity(checkpoint: Path, csv_path: str | os.PathLike, config: dict) -> str:

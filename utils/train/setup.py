@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +124,13 @@ def make_train_loader(dataset, batch_size: int, dist_info: DistInfo, device: tor
     """(loader, sampler) of the training split: make_loader's DataLoader, or with --feature_device
     the same batches gathered from features held on a device (utils/data/resident.py)."""
     from utils.data.resident import ResidentFeatures, ResidentLoader, choose_feature_device
-    feature_device = choose_feature_device(getattr(args, "feature_device", "auto"), dataset, device)
+    feature_device = choose_feature_device(args.feature_device, dataset, device)
     if feature_device is None:
         return make_loader(dataset, batch_size, True, True, args.seed, dist_info, device, args)
     sampler = make_sampler(dataset, True, args.seed, dist_info)
     features = ResidentFeatures(dataset, feature_device)
     get_logger().info(f"training features resident on {feature_device}: {features.nbytes / 2**30:.2f} GiB "
-                      f"(--feature_device {getattr(args, 'feature_device', 'auto')})")
+                      f"(--feature_device {args.feature_device})")
     return ResidentLoader(features, sampler, batch_size, drop_last=True), sampler
 
 
@@ -186,8 +187,12 @@ def build_loaders(args: Any, dist_info: DistInfo, device: torch.device, need_tra
     return train_loader, val_loader, train_sampler
 
 
-def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_per_epoch: int):
-    """Model, criterion, Adam over the original's three parameter groups, per-step schedule."""
+def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_per_epoch: int,
+                   compile_model: bool | None = None):
+    """Model, criterion, Adam over the original's three parameter groups, per-step schedule.
+
+    compile_model: torch.compile the model (None: --compile). train.plan passes False: compiling is lazy
+    and changes no setting, but it switches model/fast_ops to the padded layout process-wide."""
     from model.made import build_criterion, build_model
     from utils.train.schedules import build_scheduler
     model = build_model(args).to(device)
@@ -210,10 +215,34 @@ def build_training(args: Any, device: torch.device, dist_info: DistInfo, steps_p
         # rank 0 keeps the one-process stream. Data order comes from the samplers' own seed.
         if dist_info.rank:
             torch.manual_seed(args.seed + dist_info.rank)
-    if getattr(args, "compile", False):
+    if args.compile if compile_model is None else compile_model:
         # Token packing (model/fast_ops.py, CPU) gives every batch new shapes and a host sync;
         # a compiled graph wants static shapes, so the compiled model runs the padded layout.
         from model import fast_ops
         fast_ops.PACK_TOKENS = "never"
         ddp_model = torch.compile(ddp_model)
     return model, criterion, optimizer, scheduler, ddp_model
+
+
+@dataclass
+class TrainingRun:
+    """Everything train.py's epoch loop uses, as build_run makes it."""
+    train_loader: Any
+    val_loader: Any
+    train_sampler: Any
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ddp_model: torch.nn.Module
+
+
+def build_run(args: Any, device: torch.device, dist_info: DistInfo, train_df, val_df,
+              compile_model: bool | None = None) -> TrainingRun:
+    """Seed, then the loaders (build_loaders) and the model, losses, optimiser and schedule (build_training):
+    train.py's set-up, shared with train.plan."""
+    seed_everything(args.seed)
+    train_loader, val_loader, train_sampler = build_loaders(args, dist_info, device, train_df=train_df, val_df=val_df)
+    model, criterion, optimizer, scheduler, ddp_model = build_training(
+        args, device, dist_info, steps_per_epoch=len(train_loader), compile_model=compile_model)
+    return TrainingRun(train_loader, val_loader, train_sampler, model, criterion, optimizer, scheduler, ddp_model)
