@@ -11,7 +11,9 @@ several runs. Sections:
   train     training samples/s at batch 64 and 512 (forward, criterion and train.py's update,
             utils.train.loop.optimization_step, with Adam as utils/train/setup.py builds it; one batch of
             the demo data kept on the device, so loading is excluded), and the same step with the fast paths off
-            (model.fast_ops.reference_paths(), plain Adam) at --reference_batches.
+            (model.fast_ops.reference_paths(), plain Adam) at --reference_batches. Beside each fast
+            row: the step's GEMM floor (its matrix-product FLOPs, counted by torch.utils.flop_counter,
+            at the fp32 GEMM rate measured at the start) and the share of the step it is.
   load      samples/s of one full pass of the training DataLoader (utils/train/setup.make_loader:
             same sampler, workers, pinning as train.py) over the per-id .pt files and over the
             packed store; and the time to read one per-id file, torch.load vs the reader the
@@ -24,7 +26,8 @@ several runs. Sections:
   eval      test.py end to end (a fresh process, as a user runs it) on a demo split of --eval_size
             videos and as many tracks read from per-id files (no packed store), with a randomly
             initialised checkpoint: wall time, peak RSS and test.py's own time breakdown
-            (setup / load / encode / score / metrics), median of --eval_repeats runs.
+            (setup / load / encode / score / metrics), median of --eval_repeats runs; and the GEMM
+            floor of encode and score (their FLOPs counted on 200 pairs, scaled to the split).
   epoch     whole training epochs as train.py runs them: utils/train/setup.build_loaders (the training
             DataLoader or, with --feature_device, resident features) + build_training, then per epoch
             utils/train/loop.train_one_epoch and the validation (utils.evaluate.engine.evaluate), on a packed demo
@@ -173,6 +176,26 @@ def gemm_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     return round(2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9, 1)
 
 
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of the matrix products (mm, bmm, addmm, baddbmm, attention) that
+    fn() runs, as torch.utils.flop_counter counts them. Run with autograd on: the counter's
+    module tracking needs tensors with a history, and a forward computes the same either way."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def floor_rate(env: dict, device: torch.device) -> float:
+    """The GEMM rate a section's floor is computed at: the higher of the rates measured at the start
+    of the run and just after the section. A shared machine's rate drifts within minutes (by 2x on
+    the 2-core CPU); the higher one gives the lower floor, which stays a bound."""
+    rate = max(env["gemm_gflops"], gemm_rate(device))
+    env.setdefault("gemm_gflops_floor", []).append(rate)
+    return rate
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -227,7 +250,10 @@ def make_data(workdir: Path, quick: bool) -> Path:
 # ----------------------------------------------------------------------------------- training
 
 def bench_train(root: Path, device: torch.device, batches: list[int], reference_batches: list[int],
-                steps: int, amp: str, log: Callable[[str], None], warmup: int = 2) -> list[dict]:
+                steps: int, amp: str, log: Callable[[str], None], warmup: int = 2,
+                gemm_gflops: float | Callable[[], float] | None = None) -> list[dict]:
+    """Per batch (and path): the median step time; for the fast path also the step's GFLOP and, with
+    gemm_gflops (a rate, or a function measuring it after the timing), its GEMM floor."""
     from model import fast_ops
     from utils.data.dataset import build_dataset, collate_fn
     from utils.train.distributed import DistInfo
@@ -265,6 +291,13 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
                    "samples_per_s": round(b / med, 1), "steps": [round(t, 3) for t in times],
                    "load_average": [round(x, 2) for x in os.getloadavg()]}
             add_cuda_peak(row, device)
+            if not reference:  # one more step, counted (forward, backward; the update is no GEMM)
+                row["gflop"] = round(count_flops(step) / 1e9, 2)
+                if callable(gemm_gflops):
+                    gemm_gflops = gemm_gflops()
+                if gemm_gflops:
+                    row["gemm_floor_s"] = round(row["gflop"] / gemm_gflops, 3)
+                    row["floor_share"] = round(row["gemm_floor_s"] / med, 2)
             log(f"[train] {row}")
             rows.append(row)
             del model, criterion, optimizer
@@ -272,9 +305,13 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
 
 
 def format_train(rows: list[dict]) -> str:
-    out = [[r["batch"], r["path"], r["step_s"], r["samples_per_s"]] for r in rows]
-    return table(["batch", "path", "s / step (median)", "samples / s"], out) + (
-        f"\n\nAuthors' code, same kind of CPU: ~{AUTHORS['train_b64_samples_s']} samples/s at batch 64.")
+    out = [[r["batch"], r["path"], r["step_s"], r["samples_per_s"], r.get("gflop", "–"),
+            r.get("gemm_floor_s", "–"), r.get("floor_share", "–")] for r in rows]
+    return table(["batch", "path", "s / step (median)", "samples / s", "GFLOP / step", "GEMM floor s",
+                  "floor / step"], out) + (
+        "\n\nGEMM floor: the step's matrix-product FLOPs (forward and backward, torch.utils.flop_counter) at "
+        "the higher of the fp32 GEMM rates measured at the start and just after the timing; no step can take less. "
+        f"Authors' code, same kind of CPU: ~{AUTHORS['train_b64_samples_s']} samples/s at batch 64.")
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -541,7 +578,25 @@ def bench_eval(root: Path, ckpt: Path, device: torch.device, repeats: int, threa
     return rows
 
 
-def format_eval(rows: list[dict], size: int) -> str:
+def eval_flops(root: Path, ckpt: Path, size: int, sample: int = 200) -> dict[str, float]:
+    """GFLOP of test.py's two computations on this split, counted on a sample and scaled: the
+    forward of every (video, ground-truth track) pair (linear in the pairs) and the exact MsG
+    scoring of every video against every track (quadratic)."""
+    from utils.data.dataset import build_dataset, collate_fn
+    from utils.ground.model import load_model
+    model = load_model(ckpt, "cpu").model
+    ds = build_dataset(root / "dataset/MGSV-EC/test_data.csv", root / "features/Kuai_feature")
+    n = min(sample, len(ds))
+    batch = collate_fn(ds.__getitems__(list(range(n))))
+    encode = count_flops(lambda: model(batch, losses=False))
+    with torch.no_grad():
+        v, _ = model.encode_video(batch["frame_feats"], batch["frame_mask"])
+        m, sm = model.encode_music(batch["music_feats"], batch["music_mask"])
+    score = count_flops(lambda: model.score_videos(v, model.index_music(m, sm, batch["music_mask"])))
+    return {"encode_gflop": round(encode / 1e9 * size / n, 1), "score_gflop": round(score / 1e9 * (size / n) ** 2, 1)}
+
+
+def format_eval(rows: list[dict], size: int, flops: dict | None = None, gemm_gflops: float | None = None) -> str:
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     names = ["setup", "load", "encode", "score", "metrics", "other", "total"]
     cells = [f"{med([r['phases_s'].get(n, float('nan')) for r in rows]):.2f}" for n in names]
@@ -550,7 +605,11 @@ def format_eval(rows: list[dict], size: int) -> str:
                  [[f"{size:,} x {size:,}", f"{med([r['wall_s'] for r in rows]):.2f} ({walls})",
                    f"{max(r['peak_rss_gb'] or 0 for r in rows):.2f}", *cells]]) + (
         "\n\ntest.py --num_workers 0 --prior_csv none on per-id files; the phases are test.py's own breakdown "
-        "(medians), 'total' its time since the process started, wall the parent's clock around the process.")
+        "(medians), 'total' its time since the process started, wall the parent's clock around the process."
+        + (f"\n\nGEMM floor at {gemm_gflops} GFLOP/s (torch.utils.flop_counter on 200 pairs, scaled): encode "
+           f"{flops['encode_gflop']:,} GFLOP = {flops['encode_gflop'] / gemm_gflops:.2f} s, score "
+           f"{flops['score_gflop']:,} GFLOP = {flops['score_gflop'] / gemm_gflops:.2f} s."
+           if flops and gemm_gflops else ""))
 
 
 # ----------------------------------------------------------------------------------- whole epochs
@@ -708,14 +767,17 @@ def main(argv: list[str] | None = None) -> int:
         if {"train", "load"} & set(ns.sections):
             root = make_data(workdir, q)
         if "train" in ns.sections:
-            rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print, warmup=1 if q else 2)
+            rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print, warmup=1 if q else 2,
+                               gemm_gflops=lambda: floor_rate(env, device))
             results["sections"]["train"] = rows
             report += ["", "### Training step", "", format_train(rows)]
         if "eval" in ns.sections:
             eval_root, ckpt = make_eval_data(workdir, eval_size)
             rows = bench_eval(eval_root, ckpt, device, eval_repeats, ns.threads, print)
-            results["sections"]["eval"] = {"size": eval_size, "runs": rows}
-            report += ["", "### test.py end to end (per-id files)", "", format_eval(rows, eval_size)]
+            flops = eval_flops(eval_root, ckpt, eval_size)
+            results["sections"]["eval"] = {"size": eval_size, "runs": rows, "flops": flops}
+            report += ["", "### test.py end to end (per-id files)", "",
+                       format_eval(rows, eval_size, flops, floor_rate(env, device))]
         if "epoch" in ns.sections:
             epoch_root = make_epoch_data(workdir, epoch_videos, epoch_music, epoch_val)
             step_rows = [r for r in results["sections"].get("train", []) if r["batch"] == epoch_batch]

@@ -17,6 +17,10 @@ def test_benchmark_smoke(tmp_path):
     assert env["cpu"] and env["torch"] and env["torch_threads"] == 1
     train = res["sections"]["train"]
     assert {r["path"] for r in train} == {"fast", "reference"} and all(r["samples_per_s"] > 0 for r in train)
+    fast = [r for r in train if r["path"] == "fast"][0]
+    assert fast["gflop"] > 0 and fast["gemm_floor_s"] == round(fast["gflop"] / env["gemm_gflops_floor"][0], 3)
+    assert env["gemm_gflops_floor"][0] >= env["gemm_gflops"]
+    assert "GEMM floor s" in res["markdown"]
     load = {r["store"]: r for r in res["sections"]["load"] if "store" in r}
     read = [r for r in res["sections"]["load"] if "read_tensor_us" in r][0]
     assert read["files"] > 0 and read["torch_load_us"] > 0 and read["read_tensor_us"] > 0
@@ -56,3 +60,13 @@ def test_benchmark_eval_section(tmp_path):
     assert res["size"] == 24 and run["wall_s"] > 0 and run["peak_rss_gb"] > 0
     assert set(run["phases_s"]) == {"setup", "load", "encode", "score", "metrics", "other", "total"}
     assert run["phases_s"]["total"] <= run["wall_s"]
+    assert res["flops"]["encode_gflop"] > 0 and res["flops"]["score_gflop"] > 0
+
+
+def test_flop_counter_counts_matrix_products():
+    """The GEMM floors rest on this count: 2*m*k*n per product, whatever else runs beside it."""
+    import torch
+    bench = load_script("benchmark")
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    assert bench.count_flops(lambda: (a @ b).relu().sum()) == 2 * 3 * 4 * 5
+    assert bench.count_flops(lambda: torch.nn.functional.linear(torch.randn(7, 4), torch.randn(6, 4))) == 2 * 7 * 4 * 6
