@@ -25,7 +25,7 @@ from .boundary_head import BoundaryHead
 from .config_flags import config_values
 from .transformer import MLP, Transformer
 from .encoders import TemporalEncoder
-from .losses import build_criterion  # noqa: F401  (re-exported: train.py/test.py import it from here)
+from .losses import build_criterion  # noqa: F401  (the model's API: build_model and build_criterion)
 from .position import sine_positions_1d
 from .xpool import MusicIndex, XPool, build_music_index, score_against_index, single_similarity
 

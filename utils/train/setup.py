@@ -20,8 +20,7 @@ from utils.logger import get_logger
 from utils.train.distributed import (DistInfo, ShardSampler, ddp_wrap, gather_with_grad, has_unused_parameters,
                                      init_distributed)
 
-# RunDirError is re-exported for callers that imported it from here.
-from utils.train.preflight import RunDirError, check_batch_size, load_split  # noqa: F401
+from utils.train.preflight import check_batch_size, load_split
 
 
 def setup_process(args: Any) -> tuple[torch.device, DistInfo]:
