@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 --master_port P tests/dist_worker.py OUT_DIR DATA_ROOT
 
-Each rank builds the model, loaders and DDP wrapper exactly as train.py does (utils/runtime), takes
+Each rank builds the model, loaders and DDP wrapper exactly as train.py does (utils/train/setup.py), takes
 its share of the first global batch, and saves to OUT_DIR/rank<r>.pt:
   * the first-step gradients (after DDP's all-reduce) with global-batch negatives, and again with
     --local_negatives behaviour, plus the per-rank losses and the batch's video ids;
