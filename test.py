@@ -30,7 +30,7 @@ from utils.train.checkpoint import (LAST_NAME, TEST_BEST_ORDER, CheckpointError,
                                     load_checkpoint, load_model_weights)
 from utils.train.options import MODEL_KEYS, parse_args
 from utils.train.preflight import evaluation_dir, prediction_identity, run_cli
-from utils.train.setup import make_eval_loader, setup_process
+from utils.train.setup import make_eval_loader, seed_everything, setup_process
 
 
 def checkpoints_to_test(path: Path, test_best: int) -> list[Path]:
@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv, mode="test")
     device, dist_info = setup_process(args)
+    # The evaluation draws no random numbers (every weight comes from the checkpoint, the split is read
+    # in order); the seed keeps the original's deterministic cuDNN settings.
+    seed_everything(args.seed)
     ckpt_root = Path(args.load_uni_model_path)
     paths = checkpoints_to_test(ckpt_root, args.test_best)  # before the log folder is made beside them
     # Outputs are checked before the evaluation, not found unwritable after it.

@@ -24,13 +24,13 @@ from utils.train.preflight import check_batch_size, load_split
 
 
 def setup_process(args: Any) -> tuple[torch.device, DistInfo]:
-    """The start of train.py and test.py: --device resolved (utils/device.py), the process group
-    joined when torchrun launched this process (each rank then on its own GPU), the seeds fixed."""
+    """The start of train.py and test.py: --device resolved (utils/device.py) and the process group
+    joined when torchrun launched this process (each rank then on its own GPU). Seeds are fixed
+    where the randomness starts: build_run for training, test.py before its evaluation."""
     device = resolve_device(args.device)
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
-    seed_everything(args.seed)
     return device, dist_info
 
 
