@@ -251,9 +251,9 @@ def make_data(workdir: Path, quick: bool) -> Path:
 
 def bench_train(root: Path, device: torch.device, batches: list[int], reference_batches: list[int],
                 steps: int, amp: str, log: Callable[[str], None], warmup: int = 2,
-                gemm_gflops: float | Callable[[], float] | None = None) -> list[dict]:
+                floor_gflops: Callable[[], float] | None = None) -> list[dict]:
     """Per batch (and path): the median step time; for the fast path also the step's GFLOP and, with
-    gemm_gflops (a rate, or a function measuring it after the timing), its GEMM floor."""
+    floor_gflops (the GEMM rate to use, asked for after the timing), its GEMM floor."""
     from model import fast_ops
     from utils.data.dataset import build_dataset, collate_fn
     from utils.train.distributed import DistInfo
@@ -293,10 +293,8 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
             add_cuda_peak(row, device)
             if not reference:  # one more step, counted (forward, backward; the update is no GEMM)
                 row["gflop"] = round(count_flops(step) / 1e9, 2)
-                if callable(gemm_gflops):
-                    gemm_gflops = gemm_gflops()
-                if gemm_gflops:
-                    row["gemm_floor_s"] = round(row["gflop"] / gemm_gflops, 3)
+                if floor_gflops is not None:
+                    row["gemm_floor_s"] = round(row["gflop"] / floor_gflops(), 3)
                     row["floor_share"] = round(row["gemm_floor_s"] / med, 2)
             log(f"[train] {row}")
             rows.append(row)
@@ -768,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
             root = make_data(workdir, q)
         if "train" in ns.sections:
             rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print, warmup=1 if q else 2,
-                               gemm_gflops=lambda: floor_rate(env, device))
+                               floor_gflops=lambda: floor_rate(env, device))
             results["sections"]["train"] = rows
             report += ["", "### Training step", "", format_train(rows)]
         if "eval" in ns.sections:
