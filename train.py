@@ -270,8 +270,8 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
             train_stats, global_step = train_one_epoch(
                 ddp_model, criterion, train_loader, optimizer, scheduler, device, epoch, args, scalars,
                 global_step, show_progress=dist_info.is_main)
-            # The loss is checked every step; weights can still turn NaN in the last step's update.
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # The losses are checked up to the last step; weights can still turn NaN in its update.
+            if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
                 raise NonFiniteLossError(f"the model's parameters became NaN/inf during epoch {epoch}. Check the "
                                          "input features for extreme values, or lower --matching_lr/--detection_lr.")
             scalars.add("train/loss_epoch", train_stats.get("loss", float("nan")), epoch)
