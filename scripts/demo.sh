@@ -6,6 +6,8 @@
 # it reads no feature. See docs/demo-data.md for what the synthetic data models.
 # Usage: bash scripts/demo.sh            (outputs go to ./demo_out; DEMO_OUT=... to change)
 #        DEMO_HEADS=detr bash scripts/demo.sh   (only the paper's detector; default: detr boundary)
+#        DEMO_DATA_ARGS="--seed 7 --canonical_share 0" bash scripts/demo.sh   (other synthetic data:
+#            flags of scripts/make_demo_data.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,11 +15,13 @@ OUT=${DEMO_OUT:-./demo_out}
 EPOCHS=${DEMO_EPOCHS:-6}
 DEVICE=${DEMO_DEVICE:-auto}
 HEADS=${DEMO_HEADS:-detr boundary}
+DATA_ARGS=${DEMO_DATA_ARGS:-}
 DATA="${OUT}/dataset/MGSV-EC"
 FEATURES="${OUT}/features/Kuai_feature"
 
 echo "== 1/4 synthetic MGSV-EC data in ${OUT}"
-python scripts/make_demo_data.py --out "${OUT}" --overwrite
+# shellcheck disable=SC2086  # DATA_ARGS is a list of flags
+python scripts/make_demo_data.py --out "${OUT}" --overwrite ${DATA_ARGS}
 
 names=()
 for head in ${HEADS}; do
