@@ -33,9 +33,8 @@ class Poisoned(torch.nn.Module):
         return (loss * float("nan") if step == self.bad else loss), parts
 
 
-def train(demo_data: Path, poisoned: Poisoned) -> int:
-    """One epoch (at most MAX_STEPS steps) of a small MaDe with `poisoned` as its criterion; returns
-    the steps between log steps."""
+def train(demo_data: Path, poisoned: Poisoned) -> None:
+    """One epoch (at most MAX_STEPS steps) of a small MaDe with `poisoned` as its criterion."""
     args = parse_args(["--dim_input", "32", "--detr_dim_feedforward", "64", "--detr_enc_layers", "1",
                        "--detr_dec_layers", "2", "--batch_size_train", "8", "--no-do_eval", "--device", "cpu",
                        "--num_workers", "0", "--tb_writer", "0", "--num_display", "4",
@@ -46,10 +45,9 @@ def train(demo_data: Path, poisoned: Poisoned) -> int:
     loader, _, _ = build_loaders(args, DistInfo(), device)
     model, criterion, optimizer, scheduler, _ = build_training(args, device, DistInfo(), len(loader))
     poisoned.criterion = criterion
-    every = log_interval(min(MAX_STEPS, len(loader)), args.num_display)
+    assert len(loader) > MAX_STEPS   # so the epoch's log steps are those of MAX_STEPS steps
     train_one_epoch(model, poisoned, loader, optimizer, scheduler, device, 1, args, Scalars(None, enabled=False),
                     0, show_progress=False, max_steps=MAX_STEPS)
-    return every
 
 
 def test_nonfinite_loss_named_by_its_step_and_caught_at_the_next_log_step(demo_data: Path) -> None:
