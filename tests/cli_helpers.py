@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,12 +132,15 @@ def run_many(jobs: Sequence[tuple[str | Sequence[str], Sequence[str]]], parallel
                 (scratch / f"{i}.{kind}").unlink()
         results[i] = subprocess.CompletedProcess([script, *map(str, args)], code, out, err)
 
-    for i in range(len(jobs)):
-        if len(running) >= max(1, parallel):
-            finish(*running.pop(0))
-        running.append((i, start(i)))
-    for i, proc in running:
-        finish(i, proc)
+    try:
+        for i in range(len(jobs)):
+            if len(running) >= max(1, parallel):
+                finish(*running.pop(0))
+            running.append((i, start(i)))
+        for i, proc in running:
+            finish(i, proc)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return results  # type: ignore[return-value]
 
 
