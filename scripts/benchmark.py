@@ -724,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = get_parser().parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    from utils.allocator import keep_freed_memory
+    malloc_kept = keep_freed_memory()  # as train.py and test.py, for the sections run in this process
     device = torch.device(ns.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
@@ -752,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.ground.bench import format_benchmark
     from utils.io import atomic_write_json
     env = environment(device)
+    env["malloc_keeps_freed_memory"] = malloc_kept
     print("machine: " + json.dumps(env))
     results: dict = {"environment": env, "quick": q, "sections": {}}
     own_workdir = ns.workdir is None

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+from utils.allocator import keep_freed_memory
 from utils.device import resolve_device
 from utils.logger import get_logger
 from utils.train.distributed import (DistInfo, ShardSampler, ddp_wrap, gather_with_grad, has_unused_parameters,
@@ -27,6 +28,7 @@ def setup_process(args: Any) -> tuple[torch.device, DistInfo]:
     """The start of train.py and test.py: --device resolved (utils/device.py) and the process group
     joined when torchrun launched this process (each rank then on its own GPU). Seeds are fixed
     where the randomness starts: build_run for training, test.py before its evaluation."""
+    keep_freed_memory()  # fewer page faults, same results (utils/allocator.py)
     device = resolve_device(args.device)
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
