@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from utils.device import resolve_device
+from utils.device import check_amp, resolve_device
 from utils.evaluate.engine import evaluate, per_video_predictions
 from utils.evaluate.metrics import METRIC_KEYS, format_table
 from utils.io import atomic_write_json, check_writable_file
@@ -133,6 +133,7 @@ def plan(argv: list[str]) -> dict:
     from utils.train.preflight import evaluation_dirs
     args = parse_args(argv, mode="test")
     device = resolve_device(args.device)
+    check_amp(args.amp, device)
     ckpt_root = Path(args.load_uni_model_path)
     paths = checkpoints_to_test(ckpt_root, args.test_best)
     log_dir = evaluation_dir(ckpt_root, args.output_dir, log_dir_name(args))

@@ -138,13 +138,14 @@ def plan(argv: list[str]) -> dict:
     from utils.train.distributed import DistInfo
     from utils.train.loop import log_interval
     from utils.train.plan import criterion_plan, loader_plan, model_plan, optimizer_plan, schedule_plan
-    from utils.device import resolve_device
+    from utils.device import check_amp, resolve_device
     from utils.train.setup import build_run
     args = parse_args(argv, mode="train")
     resume = load_resume(args, argv) if args.resume else None
     run_dir = resume["path"].parent if resume is not None else new_run_dir(args)
     train_df, val_df = load_splits(args)
     device = resolve_device(args.device)
+    check_amp(args.amp, device)
     run = build_run(args, device, DistInfo(), train_df, val_df, compile_model=False)
     first = first_epoch(args, resume)
     steps = len(run.train_loader)

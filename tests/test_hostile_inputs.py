@@ -224,6 +224,13 @@ def _cuda_without_cuda(base: dict, tmp: Path) -> Case:
     return _train(base, tmp, ["--device cuda", "CUDA is not available", "--device cpu"], "--device", "cuda")
 
 
+def _fp16_on_the_cpu(base: dict, tmp: Path) -> Case:
+    """Before CPU autocast, --amp on the CPU silently trained in float32; bf16 now autocasts there, and
+    fp16 (which CPUs cannot train in) is refused before anything is written."""
+    return _train(base, tmp, ["--amp fp16 needs CUDA", "--amp bf16 or none"], "--amp", "fp16",
+                  extra_check=one_error_line)
+
+
 # ------------------------------------------------------------------ checkpoints given to test.py
 def _other_configuration(base: dict, tmp: Path) -> Case:
     """A weights-only file (like the authors') of a 32-wide model, evaluated with the default 256 width."""
@@ -289,6 +296,7 @@ CASES: dict[str, Callable[[dict, Path], Case]] = {
     "checkpoint: foreign": _foreign_checkpoint,
     "checkpoint: none in the folder": _no_checkpoint_in_folder,
     "test.py: bad CSV": _test_py_bad_csv,
+    "flags: fp16 on the CPU": _fp16_on_the_cpu,
 }
 if not torch.cuda.is_available():
     CASES["flags: cuda without cuda"] = _cuda_without_cuda

@@ -20,3 +20,31 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise DeviceError(f"--device {name} was asked for but CUDA is not available on this machine "
                           "(use --device cpu or auto)")
     return torch.device(name)
+
+
+def check_amp(amp: str, device: torch.device) -> str | None:
+    """A one-line DeviceError for an --amp this device cannot run; otherwise a note to log, or None.
+
+    On the CPU only bf16 autocasts: fp16 training needs a loss scaler and fp16 kernels that CPUs
+    lack. bf16 GEMMs are fast where the CPU has AMX or AVX512-BF16 (docs/performance.md) and
+    emulated, slower than float32, where it has neither."""
+    if amp == "none" or device.type != "cpu":
+        return None
+    if amp != "bf16":
+        raise DeviceError(f"--amp {amp} needs CUDA; on the CPU use --amp bf16 or none")
+    if not cpu_has_bf16():
+        return ("--amp bf16: this CPU has neither AMX nor AVX512-BF16, so bf16 matrix products are emulated "
+                "and slower than float32 (--amp none)")
+    return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16); True if unknown."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    probes = [p for p in probes if p is not None]
+    if not probes:
+        return True
+    try:
+        return any(p() for p in probes)
+    except RuntimeError:
+        return True

@@ -68,11 +68,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def autocast_context(device: torch.device, amp: str):
-    """bf16/fp16 autocast on CUDA when asked; fp32 everywhere else (the paper's setting)."""
-    if amp == "none" or device.type != "cuda":
+    """--amp as an autocast context: bf16 or fp16 on CUDA, bf16 on the CPU (utils/device.check_amp
+    refuses fp16 there); float32, the paper's setting, with --amp none."""
+    if amp == "none" or device.type not in ("cuda", "cpu"):
         return nullcontext()
+    if device.type == "cpu" and amp != "bf16":
+        raise ValueError(f"--amp {amp} on the CPU: only bf16 autocasts there")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass

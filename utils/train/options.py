@@ -290,7 +290,7 @@ def get_parser(mode: str = "train") -> argparse.ArgumentParser:
     unused("--local_rank", type=nonneg_int, default=int(os.environ.get("LOCAL_RANK", 0)),
            why="(taken from torchrun's environment; torch.distributed.launch passes it)")
     add(g, "--device", default="auto", choices=["auto", "cpu", "cuda"])
-    add(g, "--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (CUDA only)")
+    add(g, "--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision: bf16 or fp16 on CUDA, bf16 on the CPU (fast with AMX or AVX512-BF16)")
     add(g, "--compile", where=("train",), action="store_true", help="torch.compile the model")
     add(g, "--overwrite", where=("train",), action="store_true",
         help="train into a folder that holds a run (its files are moved into a replaced-<time> subfolder)")

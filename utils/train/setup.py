@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from utils.allocator import keep_freed_memory
-from utils.device import resolve_device
+from utils.device import check_amp, resolve_device
 from utils.logger import get_logger
 from utils.train.distributed import (DistInfo, ShardSampler, ddp_wrap, gather_with_grad, has_unused_parameters,
                                      init_distributed)
@@ -30,6 +30,9 @@ def setup_process(args: Any) -> tuple[torch.device, DistInfo]:
     where the randomness starts: build_run for training, test.py before its evaluation."""
     keep_freed_memory()  # fewer page faults, same results (utils/allocator.py)
     device = resolve_device(args.device)
+    note = check_amp(args.amp, device)
+    if note is not None:
+        get_logger().warning(note)
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
