@@ -154,6 +154,12 @@ def test_packing_round_trip_and_order():
     assert torch.equal(packing.positions, packing.flat_index % 13)
     with pytest.raises(ValueError, match="at least one valid token"):
         fast_ops.TokenPacking(torch.zeros(2, 4))
+    spare = fast_ops.TokenPacking(mask, row_multiple=64)   # as under bf16 autocast on the CPU
+    assert spare.num_rows % 64 == 0 and spare.num_rows > spare.num_tokens == packing.num_tokens
+    _close(spare.unpack(spare.pack(x)), x * mask[..., None], 0.0)
+    assert fast_ops.packed_row_multiple(torch.device("cpu")) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_ops.packed_row_multiple(torch.device("cpu")) == fast_ops.BF16_CPU_ROW_MULTIPLE
 
 
 # The paper's architecture at a quarter of the width (8 heads still; fast enough for CI).
@@ -181,10 +187,14 @@ def _batch(batch: int = 6, seed: int = 6) -> dict:
             "spans_target": spans, "music_id": [f"m{i}" for i in range(batch)]}
 
 
-@pytest.mark.parametrize("pre_norm,residual", [(False, False), (True, True)])
-def test_model_loss_and_gradients_equal_reference(pre_norm, residual):
+@pytest.mark.parametrize("pre_norm,residual,spare_rows", [(False, False, False), (True, True, False),
+                                                         (False, False, True)])
+def test_model_loss_and_gradients_equal_reference(pre_norm, residual, spare_rows, monkeypatch):
     """Whole training step with dropout off: packed encoders, one-query decoder paths and the
-    batched criterion give the reference loss and gradients."""
+    batched criterion give the reference loss and gradients; so do packings padded with spare
+    rows (as under bf16 autocast on the CPU: fast_ops.packed_row_multiple)."""
+    if spare_rows:
+        monkeypatch.setattr(fast_ops, "packed_row_multiple", lambda device: 64)
     model = _no_dropout_model(pre_norm=pre_norm, residual_from_input=residual).train()
     criterion = build_criterion(parse_args(["--name", "x"]))
     batch = _batch(10)
