@@ -12,7 +12,8 @@ straightforward code stays in place and is used when the fast paths are switched
    the 96 snippet slots and 55 % of the 146 DETR slots on MGSV-EC -- and attention runs per
    length bucket: the sequences are sorted by valid length and cut into a few buckets, each
    padded only to its own longest sequence, so the quadratic part (and its dropout mask)
-   costs ~sum_b L_b^2 instead of B * L_max^2.
+   costs ~sum_b L_b^2 instead of B * L_max^2. Under bf16 autocast on the CPU the packed rows
+   are padded to a multiple of 64 with spare rows that influence nothing (packed_row_multiple).
 2. Single-query cross-attention (single_query_cross_attention). With one decoder query the
    keys/values of all memory tokens need not be projected: per head
        q_h . (Wk_h m + bk_h) = (Wk_h^T q_h) . m + const   (the constant cancels in softmax)
