@@ -1,6 +1,6 @@
 """Two-process training check, run by tests/test_distributed.py under torchrun:
 
-    python -m torch.distributed.run --nproc_per_node 2 --master_port P tests/dist_worker.py OUT_DIR DATA_ROOT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT_DIR DATA_ROOT
 
 Each rank builds the model, loaders and DDP wrapper exactly as train.py does (utils/train/setup.py), takes
 its share of the first global batch, and saves to OUT_DIR/rank<r>.pt:

@@ -1,7 +1,7 @@
 """Data-parallel training and evaluation (torchrun, DDP) give the one-process results.
 
 Three tests start real 2-process gloo groups on CPU with
-`python -m torch.distributed.run --nproc_per_node 2 --master_port <free port>`:
+`python -m torch.distributed.run --standalone --nproc_per_node 2`:
   * training: after DDP's all-reduce both ranks hold the one-process gradient of the same
     global batch (global-batch negatives), or the mean of the per-half-batch gradients with
     --local_negatives behaviour; after a few optimizer steps the ranks' parameters are identical;
@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,18 +38,13 @@ RUN = ["--device", "cpu", "--num_workers", "0"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), *args]
+    # --standalone: torchrun binds a free port itself (a port found free here could be taken before
+    # torchrun binds it).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
