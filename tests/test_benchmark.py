@@ -70,3 +70,19 @@ def test_flop_counter_counts_matrix_products():
     a, b = torch.randn(3, 4), torch.randn(4, 5)
     assert bench.count_flops(lambda: (a @ b).relu().sum()) == 2 * 3 * 4 * 5
     assert bench.count_flops(lambda: torch.nn.functional.linear(torch.randn(7, 4), torch.randn(6, 4))) == 2 * 7 * 4 * 6
+
+
+def test_back_to_back_timing_calls_n_times_and_divides():
+    """The step-only rate an epoch is compared with on CUDA: n calls between two syncs, per call."""
+    import time
+
+    import torch
+    bench = load_script("benchmark")
+    calls = []
+    per_call = bench.timed_back_to_back(lambda: (calls.append(1), time.sleep(0.02)), torch.device("cpu"), 5)
+    assert len(calls) == 5 and 0.02 <= per_call < 0.2
+    row = {"batch": 8, "path": "fast", "samples_per_s": 10.0, "back_to_back_samples_per_s": 12.5}
+    epoch = {"feature_device": "cuda", "loader": "resident", "batch": 8, "train_rows": 80, "val_rows": 8,
+             "train_samples_per_s": 11.0, "epoch_samples_per_s": 10.5, "val_s": 0.1,
+             "paper_100_epochs_h_projected": 1.0}
+    assert "| 12.5 |" in bench.format_epoch([epoch], [row])   # the back-to-back rate, where measured
