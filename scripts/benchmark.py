@@ -311,7 +311,6 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
                     row["floor_share"] = round(row["gemm_floor_s"] / med, 2)
             log(f"[train] {row}")
             rows.append(row)
-            del model, criterion, optimizer
     return rows
 
 
