@@ -87,7 +87,7 @@ def get_parser() -> argparse.ArgumentParser:
                    choices=["train", "load", "msg", "grounding", "eval", "epoch"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder, removed)")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="training autocast (CUDA)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="training autocast: bf16 or fp16 on CUDA, bf16 on the CPU")
     p.add_argument("--train_batches", type=int, nargs="+", default=None, help="default 64 512 (quick: 64)")
     p.add_argument("--reference_batches", type=int, nargs="*", default=None,
                    help="batch sizes also timed with the fast paths off (default 64; quick: none)")
@@ -743,6 +743,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
         return 2
+    from utils.device import DeviceError, check_amp
+    try:
+        note = check_amp(ns.amp, device)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if note is not None:
+        print(note, file=sys.stderr)
     if ns._worker:
         print(json.dumps(msg_worker(ns._worker, ns._n, device, ns.msg_repeats or 1, ns.eval_chunk)))
         return 0

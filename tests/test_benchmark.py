@@ -86,3 +86,9 @@ def test_back_to_back_timing_calls_n_times_and_divides():
              "train_samples_per_s": 11.0, "epoch_samples_per_s": 10.5, "val_s": 0.1,
              "paper_100_epochs_h_projected": 1.0}
     assert "| 12.5 |" in bench.format_epoch([epoch], [row])   # the back-to-back rate, where measured
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line(capsys):
+    bench = load_script("benchmark")
+    assert bench.main(["--amp", "fp16", "--device", "cpu", "--sections", "train", "--quick"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --amp fp16 needs CUDA; on the CPU use --amp bf16 or none"
