@@ -79,7 +79,7 @@ NAIVE_MEMORY_FRACTION = 0.6   # run the naive all-pairs scoring only if its esti
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--quick", action="store_true",
                    help="small sizes and few repeats (a smoke run, not numbers to quote)")
@@ -87,7 +87,8 @@ def get_parser() -> argparse.ArgumentParser:
                    choices=["train", "load", "msg", "grounding", "eval", "epoch"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder, removed)")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="training autocast: bf16 or fp16 on CUDA, bf16 on the CPU")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="training autocast: bf16 or fp16 on CUDA, bf16 on the CPU")
     p.add_argument("--train_batches", type=int, nargs="+", default=None, help="default 64 512 (quick: 64)")
     p.add_argument("--reference_batches", type=int, nargs="*", default=None,
                    help="batch sizes also timed with the fast paths off (default 64; quick: none)")
@@ -739,13 +740,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(ns.threads)
     from utils.allocator import keep_freed_memory
     malloc_kept = keep_freed_memory()  # as train.py and test.py, for the sections run in this process
-    device = torch.device(ns.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available on this machine", file=sys.stderr)
-        return 2
-    from utils.device import DeviceError, check_amp
+    from utils.device import DeviceError, check_amp, resolve_device
     try:
+        device = resolve_device(ns.device)
         note = check_amp(ns.amp, device)
+        ns.device = device.type   # what the sections and their worker processes read ("auto" resolved)
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""The --device flag of train.py, test.py and the tools (ground.py, extract_features.py, the page)."""
+"""The --device flag of train.py, test.py and the tools (ground.py, extract_features.py, the page),
+and which --amp runs on that device."""
 from __future__ import annotations
 
 import torch
