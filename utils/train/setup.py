@@ -25,9 +25,10 @@ from utils.train.preflight import check_batch_size, load_split
 
 
 def setup_process(args: Any) -> tuple[torch.device, DistInfo]:
-    """The start of train.py and test.py: --device resolved (utils/device.py) and the process group
-    joined when torchrun launched this process (each rank then on its own GPU). Seeds are fixed
-    where the randomness starts: build_run for training, test.py before its evaluation."""
+    """The start of train.py and test.py: glibc told to keep freed memory (utils/allocator.py), --device
+    resolved and --amp checked against it (utils/device.py), and the process group joined when torchrun
+    launched this process (each rank then on its own GPU). Seeds are fixed where the randomness
+    starts: build_run for training, test.py before its evaluation."""
     keep_freed_memory()  # fewer page faults, same results (utils/allocator.py)
     device = resolve_device(args.device)
     note = check_amp(args.amp, device)
