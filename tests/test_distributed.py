@@ -146,6 +146,17 @@ def test_single_process_helpers_are_identities():
     assert not D.is_dist() and D.get_world_size() == 1
 
 
+def test_cleanup_lets_go_of_the_gil_before_destroying_the_group(monkeypatch):
+    # gloo's worker threads must drop their finished collectives (which takes the GIL) before the
+    # interpreter shuts down, or the rank aborts with exit -6 after finishing its work.
+    calls = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(D.time, "sleep", lambda s: calls.append(("sleep", s)))
+    D.cleanup()
+    assert calls == [("sleep", D.DRAIN_S), "destroy"] and D.DRAIN_S > 0
+
+
 # ------------------------------------------------------------------ two processes
 def test_two_process_training_matches_one_process(demo_data, tmp_path):
     torchrun([str(REPO / "tests" / "dist_worker.py"), str(tmp_path), str(demo_data)])
