@@ -119,6 +119,12 @@ def run_cli(main: Callable[[], int]) -> int:
             report_user_error(e, get_logger())
             return 1
         raise
+    finally:
+        # A torchrun rank that stops on an error still tears its process group down, so it exits with
+        # its own message and status, not an abort at interpreter shutdown (utils.train.distributed.cleanup).
+        distributed = sys.modules.get("utils.train.distributed")
+        if distributed is not None:
+            distributed.cleanup()
 
 
 # ------------------------------------------------------------------ run folders
