@@ -92,3 +92,9 @@ def test_fp16_on_the_cpu_is_refused_in_one_line(capsys):
     bench = load_script("benchmark")
     assert bench.main(["--amp", "fp16", "--device", "cpu", "--sections", "train", "--quick"]) == 2
     assert capsys.readouterr().err.strip() == "error: --amp fp16 needs CUDA; on the CPU use --amp bf16 or none"
+
+
+def test_features_on_cuda_without_cuda_are_refused_in_one_line(capsys):
+    bench = load_script("benchmark")
+    assert bench.main(["--device", "cpu", "--sections", "epoch", "--feature_devices", "cuda", "--quick"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --feature_devices cuda needs --device cuda")
