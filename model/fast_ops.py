@@ -91,6 +91,7 @@ def use_packing(x: Tensor) -> bool:
 _LEVELS = 1 << 16
 
 
+@torch.compiler.disable  # numpy inside a compiled graph is traced into wrong storage (--compile crashed)
 def uniform_int16(shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
     """Independent uniform int16 values, four per 64-bit word of a PCG64 stream (numpy) seeded by
     one draw of torch's default generator, so torch.manual_seed and saved RNG states determine them.

@@ -343,6 +343,22 @@ def test_uniform_int16_is_uniform_and_seeded():
     assert a.dtype == torch.int16 and int(a.min()) < -30000 and int(a.max()) > 30000
 
 
+def test_fast_dropout_runs_under_torch_compile():
+    # --compile: the numpy mask stays out of the compiled graph. Traced into it, the second shape
+    # (dynamic) made aot_autograd rebuild the int16 mask as a view of the uint64 words and crash.
+    def drop(x):
+        return fast_ops.dropout(x, 0.1, True)
+
+    compiled = torch.compile(drop, backend="aot_eager")
+    for shape in [(4, 6, 8), (4, 9, 8), (5, 3, 8)]:
+        x = torch.randn(*shape, requires_grad=True)
+        torch.manual_seed(0)
+        out = compiled(x)
+        torch.manual_seed(0)
+        assert torch.equal(out, drop(x))
+        out.sum().backward()
+
+
 def test_fused_adam_matches_default():
     """utils.train.setup builds Adam with fused=True (one kernel instead of ~10 ops per tensor)."""
     torch.manual_seed(11)
