@@ -145,7 +145,7 @@ def plan(argv: list[str]) -> dict:
     run_dir = resume["path"].parent if resume is not None else new_run_dir(args)
     train_df, val_df = load_splits(args)
     device = resolve_device(args.device)
-    check_amp(args.amp, device)
+    check_amp(args.amp, device, args.compile)
     run = build_run(args, device, DistInfo(), train_df, val_df, compile_model=False)
     first = first_epoch(args, resume)
     steps = len(run.train_loader)

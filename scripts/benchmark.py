@@ -89,6 +89,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder, removed)")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
                    help="training autocast: bf16 or fp16 on CUDA, bf16 on the CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="train and epoch sections: torch.compile the model as train.py --compile does (the "
+                        "padded layout, process-wide; the first steps compile and are not timed)")
     p.add_argument("--train_batches", type=int, nargs="+", default=None, help="default 64 512 (quick: 64)")
     p.add_argument("--reference_batches", type=int, nargs="*", default=None,
                    help="batch sizes also timed with the fast paths off (default 64; quick: none)")
@@ -259,9 +262,10 @@ def make_data(workdir: Path, quick: bool) -> Path:
 
 def bench_train(root: Path, device: torch.device, batches: list[int], reference_batches: list[int],
                 steps: int, amp: str, log: Callable[[str], None], warmup: int = 2,
-                floor_gflops: Callable[[], float] | None = None) -> list[dict]:
+                floor_gflops: Callable[[], float] | None = None, compile_model: bool = False) -> list[dict]:
     """Per batch (and path): the median step time; for the fast path also the step's GFLOP and, with
-    floor_gflops (the GEMM rate to use, asked for after the timing), its GEMM floor."""
+    floor_gflops (the GEMM rate to use, asked for after the timing), its GEMM floor.
+    compile_model: the model torch.compile'd as by train.py --compile (no reference path, no FLOP count)."""
     from model import fast_ops
     from utils.data.dataset import build_dataset, collate_fn
     from utils.train.distributed import DistInfo
@@ -275,10 +279,10 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
             log(f"[train] batch {b} skipped: the demo training set has {len(ds)} rows")
             continue
         batch = to_device(collate_fn(ds.__getitems__(list(range(b)))), device)
-        for reference in ([False, True] if b in reference_batches else [False]):
-            args = default_args(["--batch_size_train", str(b), "--amp", amp])
+        for reference in ([False, True] if b in reference_batches and not compile_model else [False]):
+            args = default_args(["--batch_size_train", str(b), "--amp", amp] + (["--compile"] if compile_model else []))
             torch.manual_seed(0)
-            model, criterion, optimizer, _, _ = build_training(args, device, DistInfo(), steps_per_epoch=100)
+            model, criterion, optimizer, _, net = build_training(args, device, DistInfo(), steps_per_epoch=100)
             if reference:  # the straightforward code: reference paths, plain Adam
                 optimizer = torch.optim.Adam(model.param_groups(args))
             model.train()
@@ -287,7 +291,7 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
 
             def step() -> None:
                 with autocast_context(device, amp):
-                    loss, _ = criterion(model(batch), batch)
+                    loss, _ = criterion(net(batch), batch)
                 optimization_step(loss, optimizer, args.max_grad_norm, scaler)
 
             with fast_ops.reference_paths() if reference else contextlib.nullcontext():
@@ -298,14 +302,15 @@ def bench_train(root: Path, device: torch.device, batches: list[int], reference_
                 # (on the CPU nothing is asynchronous: the two timings measure the same thing).
                 back = timed_back_to_back(step, device, steps) if device.type == "cuda" and not reference else None
             med = statistics.median(times)
-            row = {"batch": b, "path": "reference" if reference else "fast", "step_s": round(med, 3),
+            row = {"batch": b, "path": "reference" if reference else "compiled" if compile_model else "fast",
+                   "step_s": round(med, 3),
                    "samples_per_s": round(b / med, 1), "steps": [round(t, 3) for t in times],
                    "load_average": [round(x, 2) for x in os.getloadavg()]}
             if back is not None:
                 row["back_to_back_step_s"] = round(back, 4)
                 row["back_to_back_samples_per_s"] = round(b / back, 1)
             add_cuda_peak(row, device)
-            if not reference:  # one more step, counted (forward, backward; the update is no GEMM)
+            if not reference and not compile_model:  # one more step, counted (forward, backward; no GEMM in the update)
                 row["gflop"] = round(count_flops(step) / 1e9, 2)
                 if floor_gflops is not None:
                     row["gemm_floor_s"] = round(row["gflop"] / floor_gflops(), 3)
@@ -639,7 +644,7 @@ def make_epoch_data(workdir: Path, videos: int, music: int, val: int) -> Path:
 
 
 def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, feature_devices: list[str],
-                amp: str, log: Callable[[str], None], warmup_steps: int = 2) -> list[dict]:
+                amp: str, log: Callable[[str], None], warmup_steps: int = 2, compile_model: bool = False) -> list[dict]:
     """Whole epochs (training + validation) per --feature_device value, as train.py runs them."""
     from utils.evaluate.engine import EVAL_PHASES, evaluate
     from utils.logger import Scalars
@@ -653,23 +658,25 @@ def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, featu
                              "--val_csv", str(root / "dataset/MGSV-EC/val_data.csv"),
                              "--frozen_feature_path", str(root / "features/Kuai_feature"),
                              "--batch_size_train", str(batch), "--amp", amp, "--device", device.type,
-                             "--feature_device", feature_device, "--num_display", "1"])
+                             "--feature_device", feature_device, "--num_display", "1"]
+                            + (["--compile"] if compile_model else []))
         seed_everything(args.seed)
         t0 = time.perf_counter()
         train_loader, val_loader, sampler = build_loaders(args, DistInfo(), device)
         setup_s = time.perf_counter() - t0
-        model, criterion, optimizer, scheduler, _ = build_training(args, device, DistInfo(), len(train_loader))
+        # net: what train.py trains (compiled with --compile); validation runs the bare model, as there.
+        model, criterion, optimizer, scheduler, net = build_training(args, device, DistInfo(), len(train_loader))
         train_rows = len(train_loader) * batch
         epochs_out, step = [], 0
         # Warm-up (allocator, first calls, the loader's first batches): a few steps of epoch 0, not reported.
         sampler.set_epoch(0)
-        _, step = train_one_epoch(model, criterion, train_loader, optimizer, scheduler, device, 0, args,
+        _, step = train_one_epoch(net, criterion, train_loader, optimizer, scheduler, device, 0, args,
                                   Scalars(None, enabled=False), step, show_progress=False, max_steps=warmup_steps)
         for epoch in range(1, epochs + 1):
             sampler.set_epoch(epoch)
             sync(device)
             t0 = time.perf_counter()
-            _, step = train_one_epoch(model, criterion, train_loader, optimizer, scheduler, device, epoch, args,
+            _, step = train_one_epoch(net, criterion, train_loader, optimizer, scheduler, device, epoch, args,
                                       Scalars(None, enabled=False), step, show_progress=False)
             sync(device)
             train_s = time.perf_counter() - t0
@@ -697,13 +704,13 @@ def bench_epoch(root: Path, device: torch.device, batch: int, epochs: int, featu
         add_cuda_peak(row, device)
         log(f"[epoch] {row}")
         rows.append(row)
-        del model, criterion, optimizer, train_loader, val_loader
+        del model, net, criterion, optimizer, train_loader, val_loader
     return rows
 
 
 def format_epoch(rows: list[dict], step_rows: list[dict]) -> str:
     steps = {r["batch"]: r.get("back_to_back_samples_per_s", r["samples_per_s"]) for r in step_rows
-             if r["path"] == "fast"}
+             if r["path"] != "reference"}
     out = [[r["feature_device"], r["loader"], r["batch"], f"{r['train_rows']:,} + {r['val_rows']:,}",
             r["train_samples_per_s"], r["epoch_samples_per_s"], steps.get(r["batch"], "-"),
             f"{r['val_s']:.1f}", f"{r['paper_100_epochs_h_projected']:.1f}"] for r in rows]
@@ -743,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.device import DeviceError, check_amp, resolve_device
     try:
         device = resolve_device(ns.device)
-        note = check_amp(ns.amp, device)
+        note = check_amp(ns.amp, device, ns.compile)
         ns.device = device.type   # what the sections and their worker processes read ("auto" resolved)
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -794,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
             root = make_data(workdir, q)
         if "train" in ns.sections:
             rows = bench_train(root, device, batches, reference_batches, steps, ns.amp, print, warmup=1 if q else 2,
-                               floor_gflops=lambda: floor_rate(env, device))
+                               floor_gflops=lambda: floor_rate(env, device), compile_model=ns.compile)
             results["sections"]["train"] = rows
             report += ["", "### Training step", "", format_train(rows)]
         if "eval" in ns.sections:
@@ -809,9 +816,9 @@ def main(argv: list[str] | None = None) -> int:
             step_rows = [r for r in results["sections"].get("train", []) if r["batch"] == epoch_batch]
             if not step_rows:  # the step-only rate at the epoch section's batch, on its own data
                 step_rows = bench_train(epoch_root, device, [epoch_batch], [], ns.steps or (3 if cuda else 2),
-                                        ns.amp, print, warmup=1)
+                                        ns.amp, print, warmup=1, compile_model=ns.compile)
             rows = bench_epoch(epoch_root, device, epoch_batch, epochs_timed, feature_devices, ns.amp, print,
-                               warmup_steps=1 if q else 2)
+                               warmup_steps=1 if q else 2, compile_model=ns.compile)
             results["sections"]["epoch"] = {"rows": rows, "step": step_rows}
             report += ["", f"### Whole training epochs ({epoch_videos:,} training videos, {epoch_music:,} tracks, "
                        f"{epoch_val:,} validation videos)", "", format_epoch(rows, step_rows)]

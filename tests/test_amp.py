@@ -25,6 +25,10 @@ def test_which_amp_runs_where() -> None:
     assert note is None or "slower than float32" in note   # None where the CPU multiplies bf16 natively
     with pytest.raises(DeviceError, match=r"^--amp fp16 needs CUDA; on the CPU use --amp bf16 or none$"):
         check_amp("fp16", CPU)
+    with pytest.raises(DeviceError, match=r"^--compile with --amp bf16 on the CPU trains on NaN gradients"):
+        check_amp("bf16", CPU, compile_model=True)       # inductor's CPU bf16 attention-dropout backward
+    assert check_amp("none", CPU, compile_model=True) is None
+    assert check_amp("bf16", torch.device("cuda"), compile_model=True) is None
     assert parse_args([], mode="train").amp == "none"
 
 

@@ -98,3 +98,34 @@ def test_features_on_cuda_without_cuda_are_refused_in_one_line(capsys):
     bench = load_script("benchmark")
     assert bench.main(["--device", "cpu", "--sections", "epoch", "--feature_devices", "cuda", "--quick"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --feature_devices cuda needs --device cuda")
+
+
+def test_benchmark_compile_trains_the_compiled_model(tmp_path, monkeypatch):
+    """--compile: the train and epoch sections step the model train.py --compile would (torch.compile is
+    replaced here by a recording wrapper: compiling is slow on 2 cores, and its speed is not checked)."""
+    import torch
+
+    from model import fast_ops
+    bench = load_script("benchmark")
+    monkeypatch.setattr(fast_ops, "PACK_TOKENS", fast_ops.PACK_TOKENS)  # build_training sets it process-wide
+    calls = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            calls.append(1)
+            return self.module(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", Compiled)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--compile", "--quick", "--sections", "train", "epoch", "--train_batches", "16",
+                       "--reference_batches", "16", "--steps", "1", "--epoch_videos", "32", "--epoch_music", "8",
+                       "--epoch_val", "8", "--epoch_batch", "16", "--epochs_timed", "1", "--workdir",
+                       str(tmp_path / "work"), "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["sections"]
+    assert [r["path"] for r in res["train"]] == ["compiled"] and "gflop" not in res["train"][0]
+    assert fast_ops.PACK_TOKENS == "never" and len(calls) == (1 + 1) + (1 + 2)  # train: warm-up, timed; epoch: the same
+    assert res["epoch"]["rows"][0]["train_rows"] == 32

@@ -231,6 +231,12 @@ def _fp16_on_the_cpu(base: dict, tmp: Path) -> Case:
                   extra_check=one_error_line)
 
 
+def _compile_bf16_on_the_cpu(base: dict, tmp: Path) -> Case:
+    """torch's inductor turns the CPU bf16 attention-dropout backward into NaN: refused, not trained on."""
+    return _train(base, tmp, ["--compile with --amp bf16 on the CPU"], "--amp", "bf16", "--compile",
+                  extra_check=one_error_line)
+
+
 # ------------------------------------------------------------------ checkpoints given to test.py
 def _other_configuration(base: dict, tmp: Path) -> Case:
     """A weights-only file (like the authors') of a 32-wide model, evaluated with the default 256 width."""
@@ -297,6 +303,7 @@ CASES: dict[str, Callable[[dict, Path], Case]] = {
     "checkpoint: none in the folder": _no_checkpoint_in_folder,
     "test.py: bad CSV": _test_py_bad_csv,
     "flags: fp16 on the CPU": _fp16_on_the_cpu,
+    "flags: --compile with bf16 on the CPU": _compile_bf16_on_the_cpu,
 }
 if not torch.cuda.is_available():
     CASES["flags: cuda without cuda"] = _cuda_without_cuda

@@ -23,16 +23,22 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def check_amp(amp: str, device: torch.device) -> str | None:
+def check_amp(amp: str, device: torch.device, compile_model: bool = False) -> str | None:
     """A one-line DeviceError for an --amp this device cannot run; otherwise a note to log, or None.
 
     On the CPU only bf16 autocasts: fp16 training needs a loss scaler and fp16 kernels that CPUs
     lack. bf16 GEMMs are fast where the CPU has AMX or AVX512-BF16 (docs/performance.md) and
-    emulated, slower than float32, where it has neither."""
+    emulated, slower than float32, where it has neither. With --compile, bf16 on the CPU is refused:
+    inductor's CPU code for nn.MultiheadAttention with attention dropout under bf16 autocast returns
+    NaN gradients (torch 2.14; eager, aot_eager and float32 inductor are finite), so the first
+    update turns the weights into NaN."""
     if amp == "none" or device.type != "cpu":
         return None
     if amp != "bf16":
         raise DeviceError(f"--amp {amp} needs CUDA; on the CPU use --amp bf16 or none")
+    if compile_model:
+        raise DeviceError("--compile with --amp bf16 on the CPU trains on NaN gradients (torch's inductor, "
+                          "attention dropout); drop one of the two (on the CPU eager bf16 is also the faster)")
     if not cpu_has_bf16():
         return ("--amp bf16: this CPU has neither AMX nor AVX512-BF16, so bf16 matrix products are emulated "
                 "and slower than float32 (--amp none)")

@@ -31,7 +31,7 @@ def setup_process(args: Any) -> tuple[torch.device, DistInfo]:
     starts: build_run for training, test.py before its evaluation."""
     keep_freed_memory()  # fewer page faults, same results (utils/allocator.py)
     device = resolve_device(args.device)
-    note = check_amp(args.amp, device)
+    note = check_amp(args.amp, device, bool(getattr(args, "compile", False)))
     if note is not None:
         get_logger().warning(note)
     dist_info = init_distributed(device.type)
