@@ -757,10 +757,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if note is not None:
         print(note, file=sys.stderr)
-    if "cuda" in (ns.feature_devices or []) and device.type != "cuda":
-        # train.py's own check, here before minutes of other sections run.
-        print(f"error: --feature_devices cuda needs --device cuda (the device is {device.type}); "
-              "use auto or cpu", file=sys.stderr)
+    from utils.data.resident import check_feature_device
+    from utils.train.preflight import ConfigError
+    try:  # train.py's own check, here before minutes of other sections run
+        for feature_device in ns.feature_devices or []:
+            check_feature_device(feature_device, device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if ns._worker:
         print(json.dumps(msg_worker(ns._worker, ns._n, device, ns.msg_repeats or 1, ns.eval_chunk)))

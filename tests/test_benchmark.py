@@ -97,7 +97,8 @@ def test_fp16_on_the_cpu_is_refused_in_one_line(capsys):
 def test_features_on_cuda_without_cuda_are_refused_in_one_line(capsys):
     bench = load_script("benchmark")
     assert bench.main(["--device", "cpu", "--sections", "epoch", "--feature_devices", "cuda", "--quick"]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: --feature_devices cuda needs --device cuda")
+    assert capsys.readouterr().err.strip() == ("error: --feature_device cuda needs training on CUDA (--device is "
+                                               "cpu); use --feature_device auto or cpu")
 
 
 def test_benchmark_compile_trains_the_compiled_model(tmp_path, monkeypatch):

@@ -41,6 +41,16 @@ def resident_bytes(dataset: Any) -> int:
                 + n_music * store.num_snippets * (store.music_modality.dim + 1))
 
 
+def check_feature_device(requested: str, device: torch.device) -> None:
+    """A --feature_device the training device can hold, or a ValueError / ConfigError saying why not."""
+    if requested not in FEATURE_DEVICES:
+        raise ValueError(f"--feature_device must be one of {FEATURE_DEVICES}, got {requested!r}")
+    if requested == "cuda" and device.type != "cuda":
+        from utils.train.preflight import ConfigError
+        raise ConfigError(f"--feature_device cuda needs training on CUDA (--device is {device}); "
+                          "use --feature_device auto or cpu")
+
+
 def choose_feature_device(requested: str, dataset: Any, device: torch.device) -> torch.device | None:
     """Where the training features live: a device for ResidentLoader, or None for the DataLoader.
 
@@ -48,15 +58,10 @@ def choose_feature_device(requested: str, dataset: Any, device: torch.device) ->
     GPU when training on CUDA, the features come from the packed store (no per-id reading
     up front) and they fit in RESIDENT_FRACTION of the free GPU memory; the DataLoader
     otherwise."""
-    if requested not in FEATURE_DEVICES:
-        raise ValueError(f"--feature_device must be one of {FEATURE_DEVICES}, got {requested!r}")
+    check_feature_device(requested, device)
     if requested == "cpu":
         return torch.device("cpu")
     if requested == "cuda":
-        if device.type != "cuda":
-            from utils.train.preflight import ConfigError
-            raise ConfigError(f"--feature_device cuda needs training on CUDA (--device is {device}); "
-                              "use --feature_device auto or cpu")
         return device
     if device.type != "cuda" or not getattr(dataset.store, "is_packed", False):
         return None
