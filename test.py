@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) > 1:
         log.info("summary:\n" + format_table({k: {m: v[m] for m in METRIC_KEYS} for k, v in results.items()}))
     log.info(f"time since the process started: {watch.line(TIME_PHASES, total=process_seconds())}")
-    D.cleanup()
-    return 0
+    return 0   # run_cli tears the process group down
 
 
 def cli() -> int:

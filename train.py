@@ -222,8 +222,7 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
         refusal = None
     refusal = D.broadcast_object(refusal)  # every rank stops when rank 0 could not claim the folder
     if refusal is not None:
-        D.cleanup()
-        raise RunDirError(refusal)
+        raise RunDirError(refusal)  # run_cli tears the process group down
     if dist_info.is_main and resume is None and args.overwrite:
         set_aside = set_aside_previous_run(run_dir)
     log = setup_logger(run_dir / log_file_name(args, time.strftime('%Y%m%d-%H%M%S')), is_main=dist_info.is_main)
@@ -329,9 +328,8 @@ def train(args: Any, run_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame
                  if last_saved > 0 and args.save_model else "No checkpoint was written")
         log.error(f"{e}\nTraining stopped. {saved}.")
         status = 1
-    finally:
+    finally:  # the process group is torn down by run_cli, however this ends
         scalars.close()
-        D.cleanup()
         if lock is not None:
             lock.release()
     return status

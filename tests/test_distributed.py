@@ -157,7 +157,6 @@ def test_cleanup_lets_go_of_the_gil_before_destroying_the_group(monkeypatch):
     assert calls == [("sleep", D.DRAIN_S), "destroy"] and D.DRAIN_S > 0
 
 
-
 @pytest.mark.parametrize("outcome", ["returns", "user error", "bug"])
 def test_entry_points_tear_the_group_down_however_they_end(outcome, monkeypatch):
     # A rank stopping on an error must not abort at shutdown instead of printing its message.
@@ -178,6 +177,7 @@ def test_entry_points_tear_the_group_down_however_they_end(outcome, monkeypatch)
     else:
         assert run_cli(main) == (2 if outcome == "user error" else 0)
     assert torn_down == [True]
+
 
 # ------------------------------------------------------------------ two processes
 def test_two_process_training_matches_one_process(demo_data, tmp_path):
